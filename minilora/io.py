@@ -1,0 +1,362 @@
+"""Files without pickle: our own safetensors reader/writer, JSON, atomic writes.
+
+Why not pickle? Loading a pickle runs arbitrary code chosen by whoever wrote the file.
+A checkpoint or an adapter downloaded from someone else should be *data*, so minilora
+stores arrays in the safetensors format and everything else in JSON.
+
+The safetensors layout (https://github.com/huggingface/safetensors), byte by byte::
+
+    8 bytes      N, the header length, unsigned 64-bit little-endian
+    N bytes      UTF-8 JSON: {"name": {"dtype": "F32", "shape": [2, 3],
+                                       "data_offsets": [begin, end]}, ...,
+                              "__metadata__": {"key": "value"}}
+                 padded with spaces so the data section starts at a multiple of 8
+    the rest     the data section: each tensor's raw little-endian C-order bytes,
+                 at [begin, end) relative to the start of the data section
+
+The format is simple enough to write in a page, which is the point of this module:
+the reader trusts nothing in the file and checks every field before building arrays.
+Files written here load with the official ``safetensors.numpy.load_file`` and the
+other way round (see tests/test_io.py).
+
+Every writer goes through :func:`atomic_write_bytes`: a crash or an error half-way
+leaves the previous file intact, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+# safetensors dtype code <-> NumPy dtype (always little-endian in the file).
+DTYPE_TO_CODE: dict[np.dtype, str] = {
+    np.dtype("float16"): "F16",
+    np.dtype("float32"): "F32",
+    np.dtype("float64"): "F64",
+    np.dtype("int32"): "I32",
+    np.dtype("int64"): "I64",
+    np.dtype("uint8"): "U8",
+    np.dtype("bool"): "BOOL",
+}
+CODE_TO_DTYPE: dict[str, np.dtype] = {
+    code: dt.newbyteorder("<") for dt, code in DTYPE_TO_CODE.items()
+}
+
+METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100 * 1000 * 1000  # a header bigger than this is a broken or hostile file
+_ALIGN = 8  # the data section starts at a multiple of 8 bytes so arrays can be aligned
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The bytes go to a temporary file in the same directory (``os.replace`` is only atomic
+    within one file system), are flushed and fsync'ed to disk, and the temporary file is
+    then renamed onto the target. On any error the temporary file is removed and the
+    target is untouched. Missing parent directories are created.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name ("x" mode refuses to clobber) opened with open() so the umask applies,
+    # unlike tempfile.mkstemp, which would leave the final file readable by its owner only.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (POSIX); best effort, since not every OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (for manifests and equality checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def save_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (keys in insertion order, trailing newline), atomically."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: cannot write as JSON: {err}") from None
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def load_json(path: PathLike) -> Any:
+    """Read a JSON file; a missing file or invalid JSON is a ValueError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- safetensors: write
+
+
+def _check_tensor(name: Any, array: Any) -> np.dtype:
+    """Validate one (name, array) pair for saving; return its dtype."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor name {name!r} is not allowed; names must be non-empty str")
+    if name == METADATA_KEY:
+        raise ValueError(f"tensor name {name!r} is reserved for the metadata")
+    if not isinstance(array, np.ndarray):
+        hint = ""
+        if hasattr(array, "__cuda_array_interface__") or hasattr(array, "get"):
+            hint = " (a device array: call minilora.backend.to_host first)"
+        raise TypeError(
+            f"tensor {name!r} is a {type(array).__module__}.{type(array).__name__}; "
+            f"expected a host numpy.ndarray{hint}; use to_host() to copy arrays to the host"
+        )
+    dtype = array.dtype.newbyteorder("=")  # ">f4" is still float32; we fix the order below
+    if dtype not in DTYPE_TO_CODE:
+        allowed = ", ".join(dt.name for dt in DTYPE_TO_CODE)
+        raise ValueError(f"tensor {name!r} has dtype {array.dtype}; allowed: {allowed}")
+    return dtype
+
+
+def serialize_safetensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The complete safetensors file for ``tensors`` as bytes (see the module docstring).
+
+    Tensors are laid out in the mapping's order, back to back, without gaps.
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict name -> numpy array, got {type(tensors).__name__}")
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict str -> str, got {type(metadata).__name__}")
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError(
+                    f"metadata entry {key!r}: {value!r} is not allowed; keys and values must be str"
+                )
+        header[METADATA_KEY] = dict(metadata)
+
+    chunks: list[bytes] = []
+    offset = 0
+    for name, array in tensors.items():
+        dtype = _check_tensor(name, array)
+        # Little-endian, C order: exactly the bytes the format specifies.
+        data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+        header[name] = {
+            "dtype": DTYPE_TO_CODE[dtype],
+            "shape": [int(n) for n in array.shape],
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % _ALIGN)  # pad so the data starts aligned
+    return struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(chunks)
+
+
+def save_safetensors(
+    path: PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> int:
+    """Save host arrays (and optional str -> str metadata) to ``path``; return bytes written.
+
+    Supported dtypes: float16/32/64, int32/64, uint8, bool. Everything is validated and
+    serialised in memory first, and the file is written atomically, so a bad input
+    never leaves a broken or half-written file behind.
+    """
+    data = serialize_safetensors(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+# --------------------------------------------------------------------------- safetensors: read
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a repeated key would silently hide a tensor, so refuse it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} in the header")
+        out[key] = value
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """Check one header entry; return (dtype, shape, begin, end)."""
+    where = f"{path}: tensor {name!r}"
+    if not name:
+        raise ValueError(f"{path}: empty tensor name in the header")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(
+            f"{where}: entry {entry!r} must be an object with exactly "
+            "'dtype', 'shape' and 'data_offsets'"
+        )
+    code = entry["dtype"]
+    if code not in CODE_TO_DTYPE:
+        raise ValueError(
+            f"{where}: dtype {code!r} is not supported; allowed: {', '.join(CODE_TO_DTYPE)}"
+        )
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise ValueError(f"{where}: shape {shape!r} must be a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(n) and n >= 0 for n in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise ValueError(
+            f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end"
+        )
+    dtype = CODE_TO_DTYPE[code]
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+    if end - begin != expected:
+        raise ValueError(
+            f"{where}: data_offsets {offsets!r} span {end - begin} bytes, but shape {shape} "
+            f"of {code} needs {expected}"
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors file into (tensors, metadata), validating everything first.
+
+    Nothing in the file is trusted: the header length, the JSON, every dtype, shape and
+    offset, and that the tensors tile the data section exactly (no gaps, no overlaps, no
+    missing or extra bytes). Any problem is a ValueError that starts with the path.
+    The returned arrays are owned, writable copies in the file's order of names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: {len(raw)} bytes is too short for a safetensors file (>= 8)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if n > len(raw) - 8:
+        raise ValueError(
+            f"{path}: header length {n} is more than the {len(raw) - 8} bytes after the "
+            "length field (truncated or not a safetensors file)"
+        )
+    try:
+        header = json.loads(raw[8 : 8 + n].decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: header is not valid UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: header is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    except ValueError as err:  # from _reject_duplicates
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+
+    metadata = header.pop(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError(f"{path}: {METADATA_KEY} {metadata!r} must be an object of str -> str")
+
+    entries = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+
+    # The tensors must tile the data section: sorted by offset, each starts where the
+    # previous one ended, the first at 0 and the last at the very end of the file.
+    data_size = len(raw) - 8 - n
+    cursor = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin < cursor:
+            raise ValueError(
+                f"{path}: tensor {name!r} at [{begin}, {end}) overlaps the previous tensor, "
+                f"which ends at {cursor}"
+            )
+        if begin > cursor:
+            raise ValueError(
+                f"{path}: gap of {begin - cursor} bytes before tensor {name!r} at "
+                f"[{begin}, {end}); tensors must be contiguous"
+            )
+        cursor = end
+    if cursor > data_size:
+        raise ValueError(
+            f"{path}: truncated: the header describes {cursor} data bytes but the file "
+            f"holds only {data_size}"
+        )
+    if cursor < data_size:
+        raise ValueError(
+            f"{path}: {data_size - cursor} trailing bytes after the last tensor "
+            f"(the header describes {cursor} data bytes)"
+        )
+
+    start = 8 + n
+    tensors: dict[str, np.ndarray] = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        count = (end - begin) // dtype.itemsize
+        if dtype == np.bool_:
+            # NumPy would show a byte 2 as True but compare it unequal to True: refuse it.
+            as_bytes = np.frombuffer(raw, dtype=np.uint8, count=count, offset=start + begin)
+            if as_bytes.size and as_bytes.max() > 1:
+                raise ValueError(f"{path}: tensor {name!r} is BOOL but holds bytes other than 0/1")
+        flat = np.frombuffer(raw, dtype=dtype, count=count, offset=start + begin)
+        # .astype copies (an owned, writable array) and gives native byte order.
+        tensors[name] = flat.reshape(shape).astype(dtype.newbyteorder("="))
+    return tensors, dict(metadata)

@@ -1,0 +1,303 @@
+"""The building blocks, each a forward/backward pair.
+
+Every op follows one pattern (cs231n's)::
+
+    out, cache = op_forward(inputs...)
+    grads...   = op_backward(dout, cache)
+
+The forward returns what the next op needs and a cache of what its own backward will
+need; the backward takes the upstream gradient dL/dout and returns dL/d(input) for each
+input, in the forward's argument order. Parameters that are frozen get no gradient:
+the backward takes ``need_*`` flags and returns None instead of computing them. That is
+where LoRA saves compute and memory: a frozen W still passes the gradient through
+(dx = dy W) but never forms dW.
+
+Shapes use fixed letters: B batch, T time (sequence), C channels (d_model), H heads,
+hs head size (C / H), V vocabulary, N "any leading dimensions".
+
+Array code uses ``xp = xp_of(x)``, the namespace (NumPy or CuPy) of its input, so the
+same lines run on both backends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from minilora.backend import scatter_add, xp_of
+
+Array = Any  # a NumPy or CuPy ndarray
+
+IGNORE_INDEX = -1
+
+
+# --------------------------------------------------------------------------- linear
+def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, tuple]:
+    """y = x W^T + b  (PyTorch's nn.Linear convention).
+
+    x (N..., d_in), W (d_out, d_in), b (d_out,) or None -> y (N..., d_out).
+    Cache: x and W (b is not needed by the backward).
+    """
+    y = x @ W.T
+    if b is not None:
+        y = y + b
+    return y, (x, W, b is not None)
+
+
+def linear_backward(
+    dy: Array, cache: tuple, need_dW: bool = True, need_db: bool = True
+) -> tuple[Array, Array | None, Array | None]:
+    """dx = dy W,  dW = dy^T x (rows flattened),  db = sum of dy over rows.
+
+    dy (N..., d_out) -> dx (N..., d_in), dW (d_out, d_in) or None, db (d_out,) or None.
+    A frozen W (need_dW=False) costs one matmul instead of two.
+    """
+    x, W, has_bias = cache
+    dx = dy @ W
+    dW = db = None
+    if need_dW:
+        dW = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    if need_db and has_bias:
+        db = dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+    return dx, dW, db
+
+
+# ------------------------------------------------------------------------ embedding
+def embedding_forward(idx: Array, weight: Array) -> tuple[Array, tuple]:
+    """out[n] = weight[idx[n]]: a row lookup.
+
+    idx (N...) integer ids in [0, V), weight (V, C) -> out (N..., C).
+    """
+    return weight[idx], (idx, weight.shape)
+
+
+def embedding_backward(dout: Array, cache: tuple) -> Array:
+    """dweight[v] = sum of dout[n] over every n with idx[n] == v.
+
+    A token that appears twice receives both gradients, so this is a scatter-*add*
+    (plain fancy-index assignment would keep only the last one).
+    dout (N..., C) -> dweight (V, C).
+    """
+    idx, weight_shape = cache
+    xp = xp_of(dout)
+    dweight = xp.zeros(weight_shape, dtype=dout.dtype)
+    scatter_add(dweight, idx.reshape(-1), dout.reshape(-1, weight_shape[1]))
+    return dweight
+
+
+# ----------------------------------------------------------------------- layer norm
+class LayerNormCache(NamedTuple):
+    xhat: Array  # (x - mean) * rstd, the normalised input
+    rstd: Array  # 1 / sqrt(var + eps), shape (N..., 1)
+    weight: Array
+
+
+def layer_norm_forward(
+    x: Array, weight: Array, bias: Array, eps: float = 1e-5
+) -> tuple[Array, LayerNormCache]:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the last axis.
+
+    var is the biased (1/C) variance, as in PyTorch. x (N..., C), weight, bias (C,).
+    """
+    xp = xp_of(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    return xhat * weight + bias, LayerNormCache(xhat, rstd, weight)
+
+
+def layer_norm_backward(
+    dy: Array, cache: LayerNormCache, need_dparams: bool = True
+) -> tuple[Array, Array | None, Array | None]:
+    """Gradients of layer norm.
+
+    dweight = sum_rows dy * xhat,  dbias = sum_rows dy,
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dy * weight
+    (the two mean terms are the paths through the mean and the variance).
+    """
+    xhat, rstd, weight = cache
+    dxhat = dy * weight
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=-1, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    )
+    if not need_dparams:
+        return dx, None, None
+    C = dy.shape[-1]
+    dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
+    dbias = dy.reshape(-1, C).sum(axis=0)
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- GELU
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x: Array) -> tuple[Array, tuple]:
+    """y = 0.5 x (1 + tanh(c (x + 0.044715 x^3))),  c = sqrt(2/pi)  (GPT-2's tanh GELU)."""
+    xp = xp_of(x)
+    t = xp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dy: Array, cache: tuple) -> Array:
+    """dx = dy * [0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)], t cached."""
+    x, t = cache
+    local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return dy * local
+
+
+# -------------------------------------------------------------------------- softmax
+def softmax_forward(x: Array) -> tuple[Array, Array]:
+    """y = exp(x - max) / sum exp(x - max) over the last axis (shifting by the max
+    changes nothing mathematically and keeps exp from overflowing). Cache: y."""
+    xp = xp_of(x)
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+    return y, y
+
+
+def softmax_backward(dy: Array, y: Array) -> Array:
+    """dx = y * (dy - sum(dy * y)) over the last axis: the softmax Jacobian
+    diag(y) - y y^T applied to dy without forming it."""
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+
+
+# --------------------------------------------------------------- causal attention
+class AttentionCache(NamedTuple):
+    q: Array  # (B, H, T, hs), split into heads
+    k: Array
+    v: Array
+    att: Array  # (B, H, T, T) softmax probabilities, zero above the diagonal
+
+
+def _split_heads(x: Array, n_head: int) -> Array:
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)  # (B, H, T, hs)
+
+
+def _merge_heads(x: Array) -> Array:
+    B, H, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # (B, T, C)
+
+
+def attention_forward(q: Array, k: Array, v: Array, n_head: int) -> tuple[Array, AttentionCache]:
+    """Causal multi-head scaled dot-product attention (the projections live outside).
+
+    q, k, v (B, T, C) are split into H heads of size hs = C / H, then per head
+        S = Q K^T / sqrt(hs)            (B, H, T, T)
+        S[t, s] = -inf for s > t        (a token never sees the future)
+        P = softmax(S)                  (rows sum to 1)
+        Y = P V                         (B, H, T, hs)
+    and the heads are concatenated back to y (B, T, C).
+    """
+    xp = xp_of(q)
+    T = q.shape[1]
+    qh, kh, vh = (_split_heads(a, n_head) for a in (q, k, v))
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    scores = xp.where(future, -xp.inf, scores)
+    att, _ = softmax_forward(scores)
+    y = att @ vh
+    return _merge_heads(y), AttentionCache(qh, kh, vh, att)
+
+
+def attention_backward(dy: Array, cache: AttentionCache) -> tuple[Array, Array, Array]:
+    """Gradients of causal attention with respect to q, k, v (each (B, T, C)).
+
+    In the forward: Y = P V, P = softmax(S), S = Q K^T * scale. So
+        dV = P^T dY,  dP = dY V^T,  dS = softmax_backward(dP, P),
+        dQ = dS K * scale,  dK = dS^T Q * scale.
+    Masked entries have P = 0, so dS is zero there too: no extra masking needed.
+    """
+    qh, kh, vh, att = cache
+    dyh = _split_heads(dy, qh.shape[1])
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    dvh = att.transpose(0, 1, 3, 2) @ dyh
+    datt = dyh @ vh.transpose(0, 1, 3, 2)
+    dscores = softmax_backward(datt, att) * scale
+    dqh = dscores @ kh
+    dkh = dscores.transpose(0, 1, 3, 2) @ qh
+    return _merge_heads(dqh), _merge_heads(dkh), _merge_heads(dvh)
+
+
+# -------------------------------------------------------------------------- dropout
+def dropout_mask(shape: tuple, p: float, rng: Any, dtype: Any) -> Array | None:
+    """The inverted-dropout multiplier: 0 with probability p, else 1/(1-p).
+
+    Scaling the survivors by 1/(1-p) keeps E[mask * x] = x, so nothing changes at
+    evaluation time, when no mask is applied at all. ``p`` is the probability of
+    *dropping* (PyTorch's meaning). Returns None for p == 0: dropout is then the identity.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p={p!r} must satisfy 0 <= p < 1")
+    if p == 0.0:
+        return None
+    keep = rng.random(shape, dtype=dtype) >= p
+    return keep.astype(dtype) / dtype.type(1.0 - p)
+
+
+def dropout_forward(x: Array, mask: Array | None) -> tuple[Array, Array | None]:
+    """y = x * mask  (mask from :func:`dropout_mask`; None means identity, as in eval)."""
+    return (x if mask is None else x * mask), mask
+
+
+def dropout_backward(dy: Array, mask: Array | None) -> Array:
+    """dx = dy * mask: dropped units pass no gradient, survivors get the same 1/(1-p)."""
+    return dy if mask is None else dy * mask
+
+
+# --------------------------------------------------------------------- residual add
+def residual_forward(x: Array, fx: Array) -> tuple[Array, None]:
+    """y = x + f(x): the skip connection."""
+    return x + fx, None
+
+
+def residual_backward(dy: Array, cache: None = None) -> tuple[Array, Array]:
+    """An add copies its gradient to both inputs: dx = dy (skip path), dfx = dy."""
+    return dy, dy
+
+
+# ---------------------------------------------------------------- cross-entropy loss
+def cross_entropy_forward(
+    logits: Array, targets: Array, ignore_index: int = IGNORE_INDEX
+) -> tuple[float, tuple]:
+    """Mean over counted tokens of -log softmax(logits)[target].
+
+    logits (N..., V) float, targets (N...) integer in [0, V) or ``ignore_index`` for
+    positions that do not count (e.g. the prompt of a fine-tuning example). Uses
+    log-softmax = z - logsumexp(z) with z = logits - max, so no exp overflows.
+    Returns the loss as a Python float and the cache (probabilities, targets, count).
+    """
+    xp = xp_of(logits)
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    counted = t != ignore_index
+    n = int(counted.sum())
+    if n == 0:
+        raise ValueError("cross-entropy: every target equals ignore_index; nothing to average")
+    z = z - z.max(axis=-1, keepdims=True)
+    logsumexp = xp.log(xp.exp(z).sum(axis=-1))
+    safe_t = xp.where(counted, t, 0)  # any valid index; these rows are masked below
+    rows = xp.arange(z.shape[0])
+    nll = (logsumexp - z[rows, safe_t]) * counted
+    loss = float(nll.sum()) / n
+    probs = xp.exp(z - logsumexp[:, None])
+    return loss, (probs, safe_t, counted, n, logits.shape)
+
+
+def cross_entropy_backward(dloss: float, cache: tuple) -> Array:
+    """dlogits = (softmax(logits) - onehot(target)) * dloss / n on counted rows, 0 elsewhere.
+
+    Returns dlogits with the logits' shape (N..., V).
+    """
+    probs, safe_t, counted, n, shape = cache
+    xp = xp_of(probs)
+    dlogits = probs.copy()
+    dlogits[xp.arange(probs.shape[0]), safe_t] -= 1.0
+    dlogits *= (counted * (dloss / n))[:, None].astype(probs.dtype)
+    return dlogits.reshape(shape)

@@ -1,0 +1,390 @@
+"""Parameter and memory accounting: why LoRA makes fine-tuning cheap.
+
+Everything here is arithmetic on the architecture (DESIGN.md, "The model"), so it works
+for GPT-3 175B without allocating a single array. :func:`count_parameters` does the same
+bookkeeping for a live model by summing the sizes of its arrays.
+
+Per block of a GPT-2 style model with width d:
+
+    attention   q, k, v, o: Linear(d, d)          4 (d*d + d)
+    mlp         fc: Linear(d, 4d), proj: (4d, d)  8 d*d + 5 d
+    layernorm   ln_1, ln_2 (weight and bias)      4 d
+
+plus the embeddings wte (V, d) and wpe (T, d), and ln_f (2 d). The LM head is tied to
+wte, so it adds nothing. LoRA of rank r on a Linear(d_in, d_out) adds A (r, d_in) and
+B (d_out, r): r (d_in + d_out) parameters, which is tiny next to d_in * d_out.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# The reference configurations of DESIGN.md, and the two models of the LoRA paper's story.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab_size=65, d_model=32, n_layer=2, n_head=2, block_size=16, batch_size=4),
+    "small": dict(vocab_size=96, d_model=128, n_layer=4, n_head=4, block_size=64, batch_size=32),
+    "medium": dict(vocab_size=96, d_model=384, n_layer=6, n_head=6, block_size=128, batch_size=16),
+    "large": dict(vocab_size=96, d_model=768, n_layer=12, n_head=12, block_size=256, batch_size=32),
+    "gpt2": dict(
+        vocab_size=50257, d_model=768, n_layer=12, n_head=12, block_size=1024, batch_size=8
+    ),
+    "gpt3-175b": dict(
+        vocab_size=50257, d_model=12288, n_layer=96, n_head=96, block_size=2048, batch_size=1
+    ),
+}
+# Bytes per parameter when none is given: the big models in fp16 (as the LoRA paper
+# reports them), this repository's models in float32 (what minilora trains in).
+_DEFAULT_BYTES_PER_PARAM = {"gpt2": 2, "gpt3-175b": 2}
+_CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "batch_size")
+
+TARGETS = ("q", "k", "v", "o", "fc", "proj")
+OPTIMIZERS = ("adamw", "sgd")
+_ADAM_STATE_BYTES = 2 * 4  # first and second moments, each kept in float32
+
+
+def preset(name: str) -> dict[str, int]:
+    """A copy of the named configuration (vocab_size, d_model, ..., batch_size)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not known; allowed: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive_int(name: str, value: Any) -> int:
+    # bool is an int in Python, but r=True is a bug, not a rank.
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be an integer (got {type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed; it must be >= 1")
+    return int(value)
+
+
+def _check_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise targets to a tuple of known, distinct names ("q" alone is allowed)."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets:
+        raise ValueError(f"targets is empty; choose one or more of: {', '.join(TARGETS)}")
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"target {t!r} is not known; allowed: {', '.join(TARGETS)}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets {targets!r} contain duplicates")
+    return targets
+
+
+def _check_config(config: Mapping[str, Any]) -> dict[str, int]:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict with keys {', '.join(_CONFIG_KEYS)}")
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(
+            f"config is missing {', '.join(missing)}; needed: {', '.join(_CONFIG_KEYS)}"
+        )
+    return {k: _positive_int(k, config[k]) for k in _CONFIG_KEYS}
+
+
+# --------------------------------------------------------------------------- analytic counts
+
+
+def count_architecture(
+    vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int
+) -> dict[str, int]:
+    """Parameters per group (embeddings, attention, mlp, layernorm) and their total.
+
+    GPT-2 small (50257, 1024, 12, 12, 768) gives 124,439,808, the number usually quoted
+    for it with the LM head tied to wte.
+    """
+    V = _positive_int("vocab_size", vocab_size)
+    T = _positive_int("block_size", block_size)
+    L = _positive_int("n_layer", n_layer)
+    H = _positive_int("n_head", n_head)
+    d = _positive_int("d_model", d_model)
+    if d % H:
+        raise ValueError(f"d_model={d} must be divisible by n_head={H}")
+    counts = {
+        "embeddings": V * d + T * d,  # wte + wpe; the tied LM head reuses wte
+        "attention": L * 4 * (d * d + d),  # q, k, v, o, each weight + bias
+        "mlp": L * ((4 * d * d + 4 * d) + (d * 4 * d + d)),  # fc + proj
+        "layernorm": L * 2 * (2 * d) + 2 * d,  # ln_1, ln_2 per block, then ln_f
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _target_shape(target: str, d_model: int) -> tuple[int, int]:
+    """(d_in, d_out) of a target Linear."""
+    if target == "fc":
+        return d_model, 4 * d_model
+    if target == "proj":
+        return 4 * d_model, d_model
+    return d_model, d_model
+
+
+def lora_parameter_count(
+    n_layer: int,
+    d_model: int,
+    r: int,
+    targets: str | Iterable[str],
+    layers: Iterable[int] | None = None,
+) -> int:
+    """LoRA parameters: r (d_in + d_out) per adapted Linear, over the chosen layers.
+
+    ``layers`` restricts the adapters to some block indices (default: all). For GPT-3
+    175B with r=4 on q and v: 96 * 2 * 4 * (12288 + 12288) = 18,874,368, as in the paper.
+    """
+    n_layer = _positive_int("n_layer", n_layer)
+    d_model = _positive_int("d_model", d_model)
+    r = _positive_int("r", r)
+    targets = _check_targets(targets)
+    if layers is None:
+        n_adapted = n_layer
+    else:
+        layers = list(layers)
+        for i in layers:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < n_layer:
+                raise ValueError(f"layer {i!r} is not allowed; layers are 0 .. {n_layer - 1}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers {layers!r} contain duplicates")
+        n_adapted = len(layers)
+    per_layer = sum(r * sum(_target_shape(t, d_model)) for t in targets)
+    return n_adapted * per_layer
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def activation_bytes(config: Mapping[str, Any], bytes_per_param: int = 2) -> int:
+    """Rough activation memory for one training step (estimate, not a measurement).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models"), for 16-bit activations without recomputation, per layer:
+    ``s b d (34 + 5 a s / d)`` bytes (s sequence, b batch, d width, a heads); the
+    ``5 a s / d`` term is the s x s attention matrices. We multiply by n_layer and scale
+    by ``bytes_per_param / 2`` for other precisions; embeddings and logits are left out.
+    The same estimate is used for LoRA: the frozen layers still need their activations
+    to pass gradients back to the adapters below them.
+    """
+    c = _check_config(config)
+    s, b, d, a = c["block_size"], c["batch_size"], c["d_model"], c["n_head"]
+    per_layer_fp16 = s * b * (34 * d + 5 * a * s)  # = s b d (34 + 5 a s / d), in integers
+    return c["n_layer"] * per_layer_fp16 * bytes_per_param // 2
+
+
+def memory_estimate(
+    config: Mapping[str, Any],
+    r: int | None,
+    targets: str | Iterable[str] = ("q", "v"),
+    bytes_per_param: int = 4,
+    optimizer: str = "adamw",
+) -> dict[str, int]:
+    """Training memory in bytes, split by what it holds; full fine-tuning when ``r`` is None.
+
+    - weights: every parameter (base + adapters) at ``bytes_per_param``
+    - gradients: trainable parameters only, at ``bytes_per_param``
+    - optimizer: AdamW keeps 2 float32 moments per trainable parameter (8 bytes); plain
+      SGD keeps none
+    - activations: :func:`activation_bytes` (a rough estimate)
+    - total: the sum of the four above
+    - checkpoint: what you must store per fine-tuned task: all parameters for full
+      fine-tuning, only the adapters for LoRA
+
+    Mixed-precision details (fp32 master weights, loss scaling) and framework overheads
+    are left out: this shows the orders of magnitude, not an allocator's exact bill.
+    """
+    c = _check_config(config)
+    bytes_per_param = _positive_int("bytes_per_param", bytes_per_param)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not known; allowed: {', '.join(OPTIMIZERS)}")
+    base = count_architecture(
+        c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
+    )["total"]
+    if r is None:
+        stored, trainable = base, base
+    else:
+        trainable = lora_parameter_count(c["n_layer"], c["d_model"], r, targets)
+        stored = base + trainable
+    out = {
+        "params": stored,
+        "trainable": trainable,
+        "weights": stored * bytes_per_param,
+        "gradients": trainable * bytes_per_param,
+        "optimizer": trainable * _ADAM_STATE_BYTES if optimizer == "adamw" else 0,
+        "activations": activation_bytes(c, bytes_per_param),
+    }
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
+    out["checkpoint"] = trainable * bytes_per_param
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def accounting_table(
+    preset_name: str | Mapping[str, Any],
+    r: int = 8,
+    targets: str | Iterable[str] = ("q", "v"),
+    bytes_per_param: int | None = None,
+) -> dict[str, Any]:
+    """Full fine-tuning vs LoRA for a preset (or a config dict), as a JSON-able dict.
+
+    Keys: preset, config, bytes_per_param, architecture (per-group counts), total,
+    trainable (with LoRA), full and lora (each: trainable and a memory breakdown, see
+    :func:`memory_estimate`), ratio (full trainable / LoRA trainable).
+    """
+    if isinstance(preset_name, str):
+        name, config = preset_name, preset(preset_name)
+    else:
+        name, config = "custom", _check_config(preset_name)
+    if bytes_per_param is None:
+        bytes_per_param = _DEFAULT_BYTES_PER_PARAM.get(name, 4)
+    r = _positive_int("r", r)
+    targets = _check_targets(targets)
+    arch = count_architecture(
+        config["vocab_size"],
+        config["block_size"],
+        config["n_layer"],
+        config["n_head"],
+        config["d_model"],
+    )
+    full = memory_estimate(config, None, targets, bytes_per_param)
+    lora = memory_estimate(config, r, targets, bytes_per_param)
+    return {
+        "preset": name,
+        "config": dict(config),
+        "bytes_per_param": bytes_per_param,
+        "architecture": arch,
+        "total": arch["total"],
+        "trainable": lora["trainable"],
+        "full": {"trainable": full["trainable"], "memory": full},
+        "lora": {"r": r, "targets": list(targets), "trainable": lora["trainable"], "memory": lora},
+        "ratio": full["trainable"] / lora["trainable"],
+    }
+
+
+def human_count(n: float) -> str:
+    """1234 -> '1.2K', 18874368 -> '18.9M', 174.6e9 -> '174.6B' (powers of 1000)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:g}"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units (1 GB = 10^9 bytes), as model sizes are usually quoted: '349.2 GB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:g} B"
+
+
+def format_accounting(table: Mapping[str, Any]) -> str:
+    """The :func:`accounting_table` dict as an aligned text table, full vs LoRA."""
+    c = table["config"]
+    lora = table["lora"]
+    bpp = table["bytes_per_param"]
+    title = (
+        f"{table['preset']}: vocab {c['vocab_size']}, block {c['block_size']}, "
+        f"{c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
+        f"batch {c['batch_size']} ({bpp} bytes/param)"
+    )
+    lora_head = f"LoRA r={lora['r']} ({', '.join(lora['targets'])})"
+    rows = [("", "full fine-tuning", lora_head)]
+    rows.append(
+        (
+            "trainable params",
+            human_count(table["full"]["trainable"]),
+            human_count(lora["trainable"]),
+        )
+    )
+    labels = [
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer (AdamW)", "optimizer"),
+        ("activations (est.)", "activations"),
+        ("training total (est.)", "total"),
+        ("checkpoint per task", "checkpoint"),
+    ]
+    for label, key in labels:
+        rows.append(
+            (label, human_bytes(table["full"]["memory"][key]), human_bytes(lora["memory"][key]))
+        )
+    w0 = max(len(row[0]) for row in rows)
+    w1 = max(len(row[1]) for row in rows)
+    w2 = max(len(row[2]) for row in rows)
+    lines = [title, ""]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c_:>{w2}}" for a, b, c_ in rows]
+    lines += [
+        "",
+        f"total parameters: {table['total']:,}; LoRA trains {lora['trainable']:,} "
+        f"({table['ratio']:,.0f}x fewer than full fine-tuning)",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- live models
+
+
+def module_key(name: str) -> str:
+    """The module a parameter belongs to: 'h.0.attn.q.weight' -> 'h.0.attn.q'.
+
+    LoRA matrices count under the Linear they adapt: 'h.0.attn.q.lora_A.default' ->
+    'h.0.attn.q' (the adapter name may itself contain dots).
+    """
+    for marker in (".lora_A.", ".lora_B."):
+        if marker in name:
+            return name.split(marker, 1)[0]
+    head, _, last = name.rpartition(".")
+    return head if head and last in ("weight", "bias") else name
+
+
+@dataclass
+class ParameterCount:
+    """How many parameters a model has, how many train, and where they sit."""
+
+    total: int
+    trainable: int
+    per_module: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # key -> (total, trainable)
+
+    @property
+    def ratio(self) -> float:
+        """Trainable / total (0.0 for an empty model)."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        rows = [("module", "total", "trainable")]
+        rows += [(k, f"{t:,}", f"{tr:,}") for k, (t, tr) in self.per_module.items()]
+        w = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+        lines.append(f"trainable: {self.trainable:,} of {self.total:,} ({100 * self.ratio:.2f}%)")
+        return "\n".join(lines)
+
+
+def count_parameters(model: Any) -> ParameterCount:
+    """Count a live model's parameters: ``model.params`` (name -> array) and
+    ``model.trainable_names()``; grouped per module in the order of ``model.params``."""
+    params = getattr(model, "params", None)
+    if not isinstance(params, Mapping) or not hasattr(model, "trainable_names"):
+        raise TypeError(
+            f"count_parameters needs a model with .params (dict name -> array) and "
+            f".trainable_names(); got {type(model).__name__}"
+        )
+    trainable = set(model.trainable_names())
+    unknown = sorted(trainable - set(params))
+    if unknown:
+        raise ValueError(f"trainable names {unknown} are not in model.params")
+    per_module: dict[str, tuple[int, int]] = {}
+    for name, array in params.items():
+        size = int(array.size)
+        key = module_key(name)
+        t, tr = per_module.get(key, (0, 0))
+        per_module[key] = (t + size, tr + (size if name in trainable else 0))
+    total = sum(t for t, _ in per_module.values())
+    n_trainable = sum(tr for _, tr in per_module.values())
+    return ParameterCount(total=total, trainable=n_trainable, per_module=per_module)

@@ -1,0 +1,139 @@
+"""An independent check: the same architecture written with PyTorch autograd.
+
+Weights travel through ``state_dict`` (DESIGN.md names), so this also checks that the
+names, the (d_out, d_in) layout, the tied head, tanh GELU, LayerNorm eps = 1e-5 and
+the LoRA scale/dropout placement mean what DESIGN.md says. Skipped without torch.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import minilora as ml
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional reference)")
+F = torch.nn.functional
+
+
+def torch_forward(sd, cfg, idx, lora=None, masks=None):
+    """logits of the DESIGN.md GPT; ``lora``: {module: (A, B, scale)}; ``masks``: dropout."""
+    B, T = idx.shape
+    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
+    H, C = cfg.n_head, cfg.d_model
+
+    def linear(module, x):
+        y = x @ sd[f"{module}.weight"].T + sd[f"{module}.bias"]
+        if lora and module in lora:
+            A, Bm, s = lora[module]
+            xd = x * masks[module] if masks else x
+            y = y + s * (xd @ A.T) @ Bm.T
+        return y
+
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        a = F.layer_norm(x, (C,), sd[f"{h}.ln_1.weight"], sd[f"{h}.ln_1.bias"], eps=1e-5)
+        q, k, v = (linear(f"{h}.attn.{t}", a) for t in "qkv")
+        q, k, v = (z.view(B, T, H, C // H).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + linear(f"{h}.attn.o", y)
+        m = F.layer_norm(x, (C,), sd[f"{h}.ln_2.weight"], sd[f"{h}.ln_2.bias"], eps=1e-5)
+        m = F.gelu(linear(f"{h}.mlp.fc", m), approximate="tanh")
+        x = x + linear(f"{h}.mlp.proj", m)
+    x = F.layer_norm(x, (C,), sd["ln_f.weight"], sd["ln_f.bias"], eps=1e-5)
+    return x @ sd["wte.weight"].T
+
+
+def rel(a, b):
+    """Relative error; gradients that are zero in exact arithmetic (the key bias: softmax
+    ignores a shift shared by a whole row) are ~1e-19 noise on both sides and count as 0."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(np.linalg.norm(a), np.linalg.norm(b))
+    return 0.0 if scale < 1e-15 else np.linalg.norm(a - b) / scale
+
+
+def random_model(cfg, seed=0):
+    """A float64 model whose weights are random everywhere (not GPT-2's small init)."""
+    model = ml.GPT(cfg, seed=seed, dtype="float64")
+    rng = np.random.default_rng(seed + 100)
+    model.load_state_dict({n: rng.normal(0, 0.2, v.shape) for n, v in model.state_dict().items()})
+    return model
+
+
+def test_full_model_matches_torch(tiny_config):
+    model = random_model(tiny_config)
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, tiny_config.vocab_size, (4, tiny_config.block_size))
+    targets = rng.integers(0, tiny_config.vocab_size, idx.shape)
+    loss = model.loss(idx, targets)
+    model.backward()
+
+    sd = {n: torch.tensor(v, requires_grad=True) for n, v in model.state_dict().items()}
+    logits = torch_forward(sd, tiny_config, torch.tensor(idx))
+    ref_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1)
+    )
+    ref_loss.backward()
+
+    assert rel(model.forward(idx), logits.detach().numpy()) < 1e-12
+    assert abs(loss - ref_loss.item()) < 1e-12
+    for name, p in sd.items():
+        assert rel(model.grads[name], p.grad.numpy()) < 1e-10, name
+
+
+def test_lora_gradients_match_torch(tiny_config):
+    model = random_model(tiny_config)
+    lcfg = ml.LoraConfig(r=3, alpha=5.0, dropout=0.3, target_modules=ml.TARGET_MODULES)
+    ml.add_adapter(model, lcfg, name="default")
+    rng = np.random.default_rng(4)
+    for name in model.trainable_names():  # B = 0 at init would make dA vanish: randomise
+        model.params[name][...] = rng.normal(0, 0.3, model.params[name].shape)
+    idx = rng.integers(0, tiny_config.vocab_size, (2, 8))
+    targets = rng.integers(0, tiny_config.vocab_size, idx.shape)
+    targets[:, :3] = -1  # ignored positions, as in fine-tuning prompts
+
+    # record the dropout masks minilora draws, to hand the same ones to torch
+    masks = {}
+    original = ml.lora.lora_forward
+
+    def recording(x, A, B, scale, mask=None):
+        out, cache = original(x, A, B, scale, mask)
+        masks[len(masks)] = mask
+        return out, cache
+
+    ml.model.lora_forward = recording
+    try:
+        loss = model.loss(idx, targets, train=True)
+    finally:
+        ml.model.lora_forward = original
+    model.backward()
+
+    sd = {n: torch.tensor(v, requires_grad=True) for n, v in model.state_dict().items()}
+    modules = [
+        m
+        for i in range(tiny_config.n_layer)
+        for m in (
+            f"h.{i}.attn.q",
+            f"h.{i}.attn.k",
+            f"h.{i}.attn.v",
+            f"h.{i}.attn.o",
+            f"h.{i}.mlp.fc",
+            f"h.{i}.mlp.proj",
+        )
+    ]
+    lora = {
+        m: (sd[f"{m}.lora_A.default"], sd[f"{m}.lora_B.default"], lcfg.alpha / lcfg.r)
+        for m in modules
+    }
+    torch_masks = {m: torch.tensor(masks[j]) for j, m in enumerate(modules)}
+    logits = torch_forward(sd, tiny_config, torch.tensor(idx), lora, torch_masks)
+    ref = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1), ignore_index=-1
+    )
+    ref.backward()
+    assert abs(loss - ref.item()) < 1e-12
+    assert sorted(model.grads) == sorted(n for n in sd if ".lora_" in n)
+    for name in model.grads:
+        assert rel(model.grads[name], sd[name].grad.numpy()) < 1e-10, name
