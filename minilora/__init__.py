@@ -5,6 +5,7 @@ LoRA adapters on top, and the same code on NumPy (CPU) or CuPy (GPU).
 """
 
 from minilora.backend import DeviceUnavailableError, get_backend, to_host
+from minilora.checkpoints import load_adapter, load_model, save_adapter, save_model
 from minilora.gradcheck import check_gradients, format_report, gradcheck
 from minilora.lora import (
     TARGET_MODULES,
@@ -21,11 +22,16 @@ from minilora.lora import (
     unmerge,
 )
 from minilora.model import GPT, GPTConfig
+from minilora.optim import SGD, AdamW
+from minilora.params import count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "SGD",
+    "AdamW",
+    "count_parameters",
     "TARGET_MODULES",
     "DeviceUnavailableError",
     "GPTConfig",
@@ -45,4 +51,8 @@ __all__ = [
     "set_adapter",
     "to_host",
     "unmerge",
+    "load_adapter",
+    "load_model",
+    "save_adapter",
+    "save_model",
 ]

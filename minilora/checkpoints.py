@@ -1,0 +1,193 @@
+"""Model checkpoints and adapter files: safetensors for arrays, JSON for the rest.
+
+Adapters use PEFT's two file names::
+
+    DIR/adapter_config.json          LoRA config, base fingerprint, minilora version
+    DIR/adapter_model.safetensors    h.{i}.{attn|mlp}.{t}.lora_A / .lora_B, nothing else
+
+so an adapter is r (d_in + d_out) numbers per adapted matrix: kilobytes where the model
+is megabytes. Everything read is validated before the model is touched, and every
+file is written to a temporary name and renamed (see io.py). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minilora.backend import to_host
+from minilora.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.lora import (
+    Adapter,
+    LoraConfig,
+    _check_name,
+    _check_unmerged,
+    _initial_factors,
+    _install,
+    _modules_for,
+    lora_names,
+    set_adapter,
+)
+from minilora.model import GPT, GPTConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def _version() -> str:
+    from minilora import __version__
+
+    return __version__
+
+
+# ------------------------------------------------------------------------ adapters
+def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default") -> dict:
+    """Write adapter ``name``'s A and B and its config to ``directory``.
+
+    Returns {"config": path, "weights": path, "bytes": size of both files}.
+    """
+    if name not in model.adapters:
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
+    adapter: Adapter = model.adapters[name]
+    directory = Path(directory)
+    tensors = {}
+    for module in adapter.modules:
+        A_name, B_name = lora_names(module, name)
+        tensors[f"{module}.lora_A"] = to_host(model.params[A_name])
+        tensors[f"{module}.lora_B"] = to_host(model.params[B_name])
+    weights = directory / ADAPTER_WEIGHTS
+    config = directory / ADAPTER_CONFIG
+    save_safetensors(weights, tensors, metadata={"format": "minilora-adapter"})
+    save_json(
+        config,
+        {
+            "minilora_version": _version(),
+            "adapter_name": name,
+            "lora_config": adapter.config.to_dict(),
+            "base_config": model.config.to_dict(),
+            "base_fingerprint": adapter.base_fingerprint,
+            "dtype": model.dtype.name,
+        },
+    )
+    return {
+        "config": str(config),
+        "weights": str(weights),
+        "bytes": weights.stat().st_size + config.stat().st_size,
+    }
+
+
+def load_adapter(
+    model: GPT, directory: str | os.PathLike, name: str | None = None, activate: bool = True
+) -> str:
+    """Add the adapter saved in ``directory`` to ``model``; returns its name.
+
+    Checks, before anything changes: both files exist and parse; the config is a
+    valid LoraConfig for this architecture; the base weights have the fingerprint the
+    adapter was trained on; every tensor is present, has the right shape, is finite.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"adapter directory {str(directory)!r} does not exist")
+    meta = load_json(directory / ADAPTER_CONFIG)
+    required = ("lora_config", "base_config", "base_fingerprint")
+    if not isinstance(meta, dict) or any(k not in meta for k in required):
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: not a minilora adapter config")
+    config = LoraConfig.from_dict(meta["lora_config"])
+    if meta["base_config"] != model.config.to_dict():
+        raise ValueError(
+            f"{directory}: adapter is for a model with {meta['base_config']}, "
+            f"this model has {model.config.to_dict()}"
+        )
+    _check_unmerged(model, "load an adapter")
+    fingerprint = model.base_fingerprint()
+    if meta["base_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{directory}: adapter was trained on base weights with fingerprint "
+            f"{meta['base_fingerprint']}, this model's base has {fingerprint}"
+        )
+    name = _check_name(name if name is not None else meta.get("adapter_name", "default"))
+    if name in model.adapters:
+        raise ValueError(f"adapter {name!r} exists already; pass another name=")
+    modules = _modules_for(model, config)
+    tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
+    expected = {f"{m}.lora_{x}" for m in modules for x in "AB"}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS}: tensors do not match the config's targets: "
+            f"missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    factors = {}
+    for module in modules:
+        d_out, d_in = model.params[f"{module}.weight"].shape
+        A, B = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
+        for key, array, shape in (("A", A, (config.r, d_in)), ("B", B, (d_out, config.r))):
+            if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
+                raise ValueError(
+                    f"{directory}: {module}.lora_{key} has shape {array.shape} and dtype "
+                    f"{array.dtype}; expected a float array of shape {shape}"
+                )
+            if not np.isfinite(array).all():
+                raise ValueError(f"{directory}: {module}.lora_{key} contains NaN or inf")
+        factors[module] = (A, B)
+    # Everything checked: from here on the model changes.
+    pissa_init = {}
+    if config.init == "pissa":  # the same SVD of the same W gives the same residual
+        for module in modules:
+            W = to_host(model.params[f"{module}.weight"]).astype(np.float64)
+            A0, B0, W_residual = _initial_factors(W, config, np.random.default_rng(0))
+            model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
+            pissa_init[module] = (A0, B0)
+    model.freeze(*model.base_names())
+    active = list(model.active_adapters)
+    _install(model, name, config, factors, fingerprint, pissa_init)
+    if not activate:
+        set_adapter(model, active)
+    return name
+
+
+# -------------------------------------------------------------------------- models
+def save_model(
+    model: GPT, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> dict:
+    """Write the base weights and the config to ``directory`` (adapters: save_adapter).
+
+    With adapters merged, the weights written include their updates: that is how a
+    fine-tuned model is exported as a plain GPT. ``extra`` is stored in config.json
+    (e.g. the tokenizer and the command that made the model).
+    """
+    directory = Path(directory)
+    weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
+    tensors = {name: to_host(model.params[name]) for name in model.base_names()}
+    save_safetensors(weights, tensors, metadata={"format": "minilora-model"})
+    meta = {
+        "minilora_version": _version(),
+        "gpt_config": model.config.to_dict(),
+        "dtype": model.dtype.name,
+        "merged_adapters": list(model.merged_adapters),
+        "extra": extra or {},
+    }
+    save_json(config, meta)
+    return {"config": str(config), "weights": str(weights), "bytes": weights.stat().st_size}
+
+
+def load_model(
+    directory: str | os.PathLike, device: str | None = None, dtype: str | None = None
+) -> tuple[GPT, dict]:
+    """Build a GPT from ``save_model`` output; returns (model, config.json contents)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"model directory {str(directory)!r} does not exist")
+    meta = load_json(directory / MODEL_CONFIG)
+    if not isinstance(meta, dict) or "gpt_config" not in meta:
+        raise ValueError(f"{directory / MODEL_CONFIG}: not a minilora model config")
+    config = GPTConfig.from_dict(meta["gpt_config"])
+    tensors, _ = load_safetensors(directory / MODEL_WEIGHTS)
+    model = GPT(config, dtype=dtype or meta.get("dtype", "float32"), device=device)
+    model.load_state_dict(tensors)
+    return model, meta

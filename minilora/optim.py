@@ -1,0 +1,132 @@
+"""Optimizers that update the model's trainable parameters in place.
+
+They walk ``model.grads``, which holds entries for trainable parameters only, so a
+frozen base costs no optimizer state at all: with LoRA, AdamW keeps two moments for
+A and B and nothing for W. That is the other half of LoRA's memory saving.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from minilora.backend import to_host
+
+
+def _check_hyper(name: str, value: Any, low: float, high: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value!r} must be a number {bound}")
+    return float(value)
+
+
+class Optimizer:
+    """Shared plumbing: the model, the learning rate, and state that can be saved."""
+
+    def __init__(self, model: Any, lr: float, weight_decay: float) -> None:
+        self.model = model
+        self.lr = _check_hyper("lr", lr, 0.0)
+        self.weight_decay = _check_hyper("weight_decay", weight_decay, 0.0)
+        self.t = 0  # steps taken
+        self.state: dict[str, dict[str, Any]] = {}  # name -> {"m": ..., "v": ...}
+
+    def zero_grad(self) -> None:
+        self.model.grads = {}
+
+    def _decays(self, name: str) -> bool:
+        """Decay matrices only (weights, LoRA A and B), never biases or layer norms."""
+        return self.weight_decay > 0 and self.model.params[name].ndim >= 2
+
+    def state_dict(self) -> dict[str, Any]:
+        """Host arrays and numbers: {"t": steps, "lr": ..., "state.NAME.KEY": array}."""
+        out: dict[str, Any] = {"t": self.t, "lr": self.lr}
+        for name, slots in self.state.items():
+            for key, value in slots.items():
+                out[f"state.{name}.{key}"] = to_host(value).copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (checked before anything changes)."""
+        slots: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            if not key.startswith("state."):
+                continue
+            name, slot = key[len("state.") :].rsplit(".", 1)
+            if name not in self.model.params:
+                raise ValueError(f"optimizer state for {name!r}, which the model does not have")
+            if np.shape(value) != self.model.params[name].shape:
+                raise ValueError(
+                    f"optimizer state {key}: shape {np.shape(value)} does not match "
+                    f"{self.model.params[name].shape}"
+                )
+            slots.setdefault(name, {})[slot] = self.model.backend.asarray(
+                value, dtype=self.model.dtype
+            )
+        self.t = int(state["t"])
+        self.lr = float(state["lr"])
+        self.state = slots
+
+
+class SGD(Optimizer):
+    """p <- p - lr (g + momentum buffer) with optional momentum and decoupled decay."""
+
+    def __init__(
+        self, model: Any, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(model, lr, weight_decay)
+        self.momentum = _check_hyper("momentum", momentum, 0.0, 1.0)
+
+    def step(self) -> None:
+        self.t += 1
+        for name, g in self.model.grads.items():
+            p = self.model.params[name]
+            if self._decays(name):
+                p -= self.lr * self.weight_decay * p
+            if self.momentum:
+                slots = self.state.setdefault(name, {"m": self.model.xp.zeros_like(p)})
+                slots["m"] *= self.momentum
+                slots["m"] += g
+                g = slots["m"]
+            p -= self.lr * g
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
+
+    m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
+    p <- p - lr wd p                (decay, decoupled from the gradient)
+    p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(model, lr, weight_decay)
+        self.b1 = _check_hyper("betas[0]", betas[0], 0.0, 1.0)
+        self.b2 = _check_hyper("betas[1]", betas[1], 0.0, 1.0)
+        self.eps = _check_hyper("eps", eps, 0.0)
+
+    def step(self) -> None:
+        self.t += 1
+        xp = self.model.xp
+        correction1 = 1.0 - self.b1**self.t
+        correction2 = 1.0 - self.b2**self.t
+        for name, g in self.model.grads.items():
+            p = self.model.params[name]
+            slots = self.state.setdefault(name, {"m": xp.zeros_like(p), "v": xp.zeros_like(p)})
+            m, v = slots["m"], slots["v"]
+            m *= self.b1
+            m += (1.0 - self.b1) * g
+            v *= self.b2
+            v += (1.0 - self.b2) * (g * g)
+            if self._decays(name):
+                p -= self.lr * self.weight_decay * p
+            p -= (self.lr / correction1) * m / (xp.sqrt(v / correction2) + self.eps)

@@ -1,0 +1,446 @@
+"""One test per statement we teach about LoRA, plus gradient checks and adapter files."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora.gradcheck import check_gradients, gradcheck
+from minilora.layers import dropout_mask
+from minilora.lora import lora_backward, lora_forward
+
+ALL = ml.TARGET_MODULES
+
+
+def random_model(cfg, seed=0, dtype="float64"):
+    """Random weights everywhere (not GPT-2's small init), so gradients are not tiny."""
+    model = ml.GPT(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed + 100)
+    model.load_state_dict({n: rng.normal(0, 0.2, v.shape) for n, v in model.state_dict().items()})
+    return model
+
+
+def randomise_adapters(model, seed=1, std=0.3):
+    """Give B (and A) non-zero values, as after training: at init dA would be 0."""
+    rng = np.random.default_rng(seed)
+    for name in model.params:
+        if ".lora_" in name:
+            model.params[name][...] = rng.normal(0, std, model.params[name].shape)
+
+
+def batch(cfg, seed=0, B=3, T=8):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, cfg.vocab_size, (B, T))
+    return idx, rng.integers(0, cfg.vocab_size, (B, T))
+
+
+# --------------------------------------------------------------------- the pair
+def test_lora_linear_pair_gradcheck_with_dropout_mask():
+    """dx, dA, dB of the LoRA layer match finite differences (fixed dropout mask)."""
+    rng = np.random.default_rng(0)
+    d_in, d_out, r = 6, 5, 3
+    x = rng.normal(size=(2, 4, d_in))
+    mask = dropout_mask(x.shape, 0.4, np.random.default_rng(1), np.dtype("float64"))
+    inputs = dict(
+        x=x,
+        W=rng.normal(size=(d_out, d_in)),
+        b=rng.normal(size=d_out),
+        A=rng.normal(size=(r, d_in)),
+        B=rng.normal(size=(d_out, r)),
+    )
+
+    def forward(x, W, b, A, B):
+        return ml.lora_linear_forward(x, W, b, A, B, scale=2.5, mask=mask)
+
+    def backward(dh, cache):  # (dx, dW, db, dA, dB): W and b are frozen, so None
+        dx, dA, dB = ml.lora_linear_backward(dh, cache)
+        return dx, None, None, dA, dB
+
+    results = gradcheck(forward, backward, inputs)
+    assert [r.name for r in results] == ["x", "A", "B"]
+    assert all(r.passed() for r in results), ml.format_report(results)
+
+
+def test_lora_backward_skips_frozen_factors():
+    """need_dA / need_dB = False return None, and dx is unchanged."""
+    rng = np.random.default_rng(0)
+    x, A, B = rng.normal(size=(4, 6)), rng.normal(size=(2, 6)), rng.normal(size=(5, 2))
+    dh = rng.normal(size=(4, 5))
+    _, cache = lora_forward(x, A, B, 0.5)
+    dx_all, dA, dB = lora_backward(dh, cache)
+    dx_none, dA_none, dB_none = lora_backward(dh, cache, need_dA=False, need_dB=False)
+    assert dA_none is None and dB_none is None
+    np.testing.assert_array_equal(dx_all, dx_none)
+    # and the closed forms of DESIGN.md, written out once more
+    u = x @ A.T
+    np.testing.assert_allclose(dB, 0.5 * dh.T @ u)
+    np.testing.assert_allclose(dA, (0.5 * dh @ B).T @ x)
+
+
+def test_low_rank_order_equals_merged_weight():
+    """s (x A^T) B^T equals x (s B A)^T: the two orders compute the same update."""
+    rng = np.random.default_rng(0)
+    x, A, B = rng.normal(size=(7, 6)), rng.normal(size=(2, 6)), rng.normal(size=(5, 2))
+    delta, _ = lora_forward(x, A, B, 1.5)
+    np.testing.assert_allclose(delta, x @ ml.delta_weight(A, B, 1.5).T, rtol=1e-12)
+
+
+# ------------------------------------------------------------- whole-model checks
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_whole_model_gradcheck_all_targets(tiny_config, use_rslora):
+    """Every A and B of adapters on all six targets matches finite differences."""
+    model = random_model(tiny_config)
+    cfg = ml.LoraConfig(r=2, alpha=3.0, dropout=0.2, target_modules=ALL, use_rslora=use_rslora)
+    ml.add_adapter(model, cfg)
+    randomise_adapters(model)
+    idx, targets = batch(tiny_config)
+
+    def loss():
+        model.reseed(7)  # the same dropout masks at every evaluation
+        return model.loss(idx, targets, train=True)
+
+    loss()
+    model.backward()
+    assert sorted(model.grads) == sorted(model.trainable_names())
+    assert all(".lora_" in n for n in model.grads), "base weights must get no gradient buffer"
+    results = check_gradients(loss, {n: model.params[n] for n in model.grads}, model.grads)
+    assert len(results) == 2 * 6 * tiny_config.n_layer
+    assert all(r.passed() for r in results), ml.format_report(results)
+
+
+def test_rslora_scale():
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    assert ml.LoraConfig(r=16, alpha=32).scale == 2.0
+    assert ml.LoraConfig(r=16, alpha=32, use_rslora=True).scale == 8.0
+
+
+# --------------------------------------------------------------- init invariants
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_adapted_model_equals_base_at_init(tiny_config, init):
+    """B = 0, so ΔW = BA = 0: the adapted model's logits equal the base's exactly."""
+    model = ml.GPT(tiny_config, seed=3)
+    idx, _ = batch(tiny_config)
+    before = model.forward(idx)
+    ml.add_adapter(model, ml.LoraConfig(r=4, target_modules=ALL, init=init))
+    assert all(not model.params[n].any() for n in model.params if ".lora_B." in n)
+    assert all(model.params[n].std() > 0 for n in model.params if ".lora_A." in n)
+    np.testing.assert_array_equal(model.forward(idx), before)
+
+
+def test_gaussian_and_kaiming_statistics(tiny_config):
+    """gaussian: A ~ N(0, 1/r^2); kaiming: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+    model = ml.GPT(ml.GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, d_model=256))
+    ml.add_adapter(model, ml.LoraConfig(r=8, target_modules=("fc",), init="gaussian"), "g")
+    A = model.params["h.0.mlp.fc.lora_A.g"]
+    assert abs(A.std() - 1 / 8) < 0.01 and abs(A.mean()) < 0.01
+    ml.add_adapter(model, ml.LoraConfig(r=8, target_modules=("proj",), init="kaiming"), "k")
+    A = model.params["h.0.mlp.proj.lora_A.k"]  # d_in = 4 * 256
+    assert np.abs(A).max() <= 1 / np.sqrt(1024) and A.std() > 0.8 / np.sqrt(3 * 1024)
+
+
+def test_pissa_keeps_outputs_and_restores_on_delete(tiny_config):
+    """PiSSA: W_res + s B A = W, so outputs match at init; delete gives W back."""
+    model = random_model(tiny_config)
+    idx, _ = batch(tiny_config)
+    before = model.forward(idx)
+    W0 = model.params["h.0.attn.q.weight"].copy()
+    ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=ALL, init="pissa"))
+    assert model.params["h.0.mlp.fc.lora_B.default"].any()  # not zero: the top of W
+    np.testing.assert_allclose(model.forward(idx), before, rtol=1e-12, atol=1e-12)
+    ml.delete_adapter(model, "default")
+    np.testing.assert_allclose(model.params["h.0.attn.q.weight"], W0, rtol=1e-12, atol=1e-14)
+
+
+# -------------------------------------------------------------- trainability
+def test_add_adapter_freezes_everything_else(tiny_config):
+    """Only the new A and B are trainable; embeddings and layer norms are frozen."""
+    model = ml.GPT(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "v"), layers=(1,)))
+    assert model.trainable_names() == [
+        "h.1.attn.q.lora_A.default",
+        "h.1.attn.q.lora_B.default",
+        "h.1.attn.v.lora_A.default",
+        "h.1.attn.v.lora_B.default",
+    ]
+    count = ml.count_parameters(model)
+    assert count.trainable == 2 * 2 * (32 + 32)
+    assert "trainable" in str(count)
+
+
+def test_training_changes_only_adapters(tiny_config):
+    """After AdamW steps, every base parameter is bit-identical; A and B moved."""
+    model = ml.GPT(tiny_config, dtype="float64")
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "v", "fc")))
+    base = {n: model.params[n].copy() for n in model.base_names()}
+    opt = ml.AdamW(model, lr=1e-2)
+    idx, targets = batch(tiny_config)
+    for _ in range(3):
+        model.loss(idx, targets)
+        model.backward()
+        opt.step()
+    for n, v in base.items():
+        np.testing.assert_array_equal(model.params[n], v)
+    assert model.params["h.0.attn.q.lora_B.default"].any()
+    assert set(opt.state) == set(model.trainable_names())
+
+
+# ------------------------------------------------------------------- dropout
+def test_dropout_changes_training_but_never_eval(tiny_config):
+    """LoRA dropout acts on the adapter input in training only."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=4, dropout=0.5, target_modules=ALL))
+    randomise_adapters(model)
+    idx, _ = batch(tiny_config)
+    eval_a, eval_b = model.forward(idx), model.forward(idx)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(model.forward(idx, train=True), model.forward(idx, train=True))
+    # eval equals the same adapter with dropout 0
+    other = random_model(tiny_config)
+    ml.add_adapter(other, ml.LoraConfig(r=4, dropout=0.0, target_modules=ALL))
+    randomise_adapters(other)
+    np.testing.assert_array_equal(other.forward(idx), eval_a)
+
+
+def test_dropout_is_unbiased_in_expectation():
+    """E[s (D(x) A^T) B^T] over masks equals the no-dropout branch (inverted scaling)."""
+    rng = np.random.default_rng(0)
+    x, A, B = rng.normal(size=(4, 16)), rng.normal(size=(3, 16)), rng.normal(size=(5, 3))
+    exact, _ = lora_forward(x, A, B, 1.0)
+    mask_rng = np.random.default_rng(1)
+    n = 4000
+    total = np.zeros_like(exact)
+    for _ in range(n):
+        mask = dropout_mask(x.shape, 0.3, mask_rng, np.dtype("float64"))
+        total += lora_forward(x, A, B, 1.0, mask)[0]
+    # each output is a sum of 16 terms; the Monte Carlo error shrinks as 1/sqrt(n)
+    assert np.abs(total / n - exact).max() < 6 * np.abs(exact).max() / np.sqrt(n)
+
+
+# ------------------------------------------------------ merge, stack, combine
+def test_merge_equals_unmerged_and_unmerge_restores(tiny_config):
+    """Merged and unmerged outputs agree; unmerge gives W back (float64 and float32)."""
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        model = random_model(tiny_config, dtype=dtype)
+        ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=ALL))
+        randomise_adapters(model)
+        idx, _ = batch(tiny_config)
+        W0 = model.params["h.1.mlp.fc.weight"].copy()
+        unmerged = model.forward(idx)
+        ml.merge(model)
+        merged = model.forward(idx)
+        assert np.linalg.norm(merged - unmerged) / np.linalg.norm(unmerged) <= tol
+        ml.unmerge(model)
+        rel = np.abs(model.params["h.1.mlp.fc.weight"] - W0).max() / np.abs(W0).max()
+        assert rel <= tol
+
+
+def test_merge_unmerge_drift_stays_bounded(tiny_config):
+    """100 merge/unmerge cycles in float32 drift W by a few ulps, not more."""
+    model = random_model(tiny_config, dtype="float32")
+    ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=("q",)))
+    randomise_adapters(model)
+    W0 = model.params["h.0.attn.q.weight"].copy()
+    dW = ml.delta_weight(
+        model.params["h.0.attn.q.lora_A.default"], model.params["h.0.attn.q.lora_B.default"], 2.0
+    )
+    for _ in range(100):
+        ml.merge(model)
+        ml.unmerge(model)
+    drift = np.abs(model.params["h.0.attn.q.weight"] - W0)
+    ulp = np.spacing(np.abs(W0) + np.abs(dW))
+    # each cycle rounds twice, at most half an ulp each: the bound can never be exceeded
+    assert (drift <= 100 * ulp).all()
+
+
+def test_training_while_merged_is_refused(tiny_config):
+    """Merged adapters are part of W: training them is an error, not a silent no-op."""
+    model = ml.GPT(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2))
+    ml.merge(model)
+    idx, targets = batch(tiny_config)
+    with pytest.raises(ValueError, match="unmerge"):
+        model.loss(idx, targets, train=True)
+    model.loss(idx, targets, train=False)  # evaluation is fine
+    with pytest.raises(ValueError, match="unmerge"):
+        ml.set_adapter(model, "default")
+
+
+def test_stacked_adapters_add_their_updates(tiny_config):
+    """Two active adapters give W + s1 B1 A1 + s2 B2 A2."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=4, target_modules=("q", "v")), "a")
+    ml.add_adapter(model, ml.LoraConfig(r=3, alpha=3, target_modules=("v", "fc")), "b")
+    randomise_adapters(model)
+    ml.set_adapter(model, ["a", "b"])
+    idx, _ = batch(tiny_config)
+    stacked = model.forward(idx)
+    # the same thing written as one merged model
+    ref = random_model(tiny_config)
+    for adapter in model.adapters.values():
+        for module in adapter.modules:
+            A = model.params[f"{module}.lora_A.{adapter.name}"]
+            B = model.params[f"{module}.lora_B.{adapter.name}"]
+            ref.params[f"{module}.weight"] += ml.delta_weight(A, B, adapter.config.scale)
+    np.testing.assert_allclose(stacked, ref.forward(idx), rtol=1e-12, atol=1e-14)
+    ml.disable_adapters(model)
+    np.testing.assert_array_equal(model.forward(idx), random_model(tiny_config).forward(idx))
+
+
+def test_combine_cat_is_exact_and_svd_reports_error(tiny_config):
+    """cat: weighted sum of updates, exactly; svd: best rank-r with its error."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=4, target_modules=("q", "v")), "a")
+    ml.add_adapter(model, ml.LoraConfig(r=3, alpha=3, target_modules=("v",)), "b")
+    randomise_adapters(model)
+    idx, _ = batch(tiny_config)
+    ml.set_adapter(model, "a")
+    out_a = model.forward(idx)
+    errors = ml.combine_adapters(model, ["a", "b"], [1.0, 0.5], "ab", method="cat")
+    assert set(errors.values()) == {0.0}
+    assert model.active_adapters == ["a"]  # combining does not switch
+    assert model.adapters["ab"].config.r == 5
+    # reference: a at weight 1 plus b at weight 0.5, written into W
+    ref = random_model(tiny_config)
+    for name, w in (("a", 1.0), ("b", 0.5)):
+        for module in model.adapters[name].modules:
+            A = model.params[f"{module}.lora_A.{name}"]
+            B = model.params[f"{module}.lora_B.{name}"]
+            scale = model.adapters[name].config.scale
+            ref.params[f"{module}.weight"] += w * ml.delta_weight(A, B, scale)
+    ml.set_adapter(model, "ab")
+    np.testing.assert_allclose(model.forward(idx), ref.forward(idx), rtol=1e-12, atol=1e-14)
+    assert not np.allclose(model.forward(idx), out_a)
+    svd_errors = ml.combine_adapters(model, ["a", "b"], [1.0, 0.5], "ab2", method="svd", r=1)
+    assert all(0 < e < 1 for m, e in svd_errors.items() if m.endswith(".v"))
+    full = ml.combine_adapters(model, ["a", "b"], [1.0, 0.5], "ab5", method="svd", r=5)
+    assert max(full.values()) < 1e-12  # rank 5 holds a rank <= 5 sum exactly
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"r": 0}, "r=0"),
+        ({"r": 2.5}, "r=2.5"),
+        ({"alpha": 0}, "alpha=0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+        ({"dropout": -0.1}, "dropout=-0.1"),
+        ({"target_modules": ("q", "x")}, "'x'"),
+        ({"target_modules": ("wte",)}, "embeddings"),
+        ({"target_modules": ("ln_1",)}, "layer norms"),
+        ({"target_modules": ()}, "empty"),
+        ({"init": "zeros"}, "zeros"),
+        ({"layers": (-1,)}, "layers"),
+    ],
+)
+def test_lora_config_errors(kwargs, match):
+    """Each bad LoraConfig value gets a ValueError that names it."""
+    with pytest.raises(ValueError, match=match):
+        ml.LoraConfig(**kwargs)
+
+
+def test_adapter_management_errors(tiny_config):
+    """Unknown names, duplicates, bad layers and r > min(d) are reported clearly."""
+    model = ml.GPT(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="exists already"):
+        ml.add_adapter(model, ml.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        ml.set_adapter(model, "nope")
+    with pytest.raises(ValueError, match="blocks 0..1"):
+        ml.add_adapter(model, ml.LoraConfig(r=2, layers=(5,)), "far")
+    with pytest.raises(ValueError, match="name"):
+        ml.add_adapter(model, ml.LoraConfig(r=2), "has.dot")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ml.add_adapter(model, ml.LoraConfig(r=40, target_modules=("q",)), "big")
+    assert any("exceeds min" in str(w.message) for w in caught)
+
+
+# ----------------------------------------------------------------- adapter files
+def test_save_load_round_trip_bit_for_bit(tiny_config, tmp_path):
+    """Only A and B are written; loading them onto a fresh base reproduces the outputs."""
+    model = ml.GPT(tiny_config, seed=1)
+    ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=("q", "v")), "task")
+    randomise_adapters(model)
+    info = ml.save_adapter(model, tmp_path / "ad", name="task")
+    tensors, _ = ml.io.load_safetensors(tmp_path / "ad" / "adapter_model.safetensors")
+    assert all(".lora_A" in k or ".lora_B" in k for k in tensors)
+    assert info["bytes"] < 16 * 1024
+
+    fresh = ml.GPT(tiny_config, seed=1)
+    assert ml.load_adapter(fresh, tmp_path / "ad") == "task"
+    for name in model.params:
+        np.testing.assert_array_equal(fresh.params[name], model.params[name])
+    idx, _ = batch(tiny_config)
+    np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
+    assert (
+        json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_config"]["r"] == 4
+    )
+
+
+def test_pissa_adapter_round_trip(tiny_config, tmp_path):
+    """A PiSSA adapter reloads onto the original base (the residual is recomputed)."""
+    model = random_model(tiny_config, dtype="float32")
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=2, target_modules=("q",), init="pissa"))
+    randomise_adapters(model)
+    ml.save_adapter(model, tmp_path / "p")
+    fresh = random_model(tiny_config, dtype="float32")
+    ml.load_adapter(fresh, tmp_path / "p")
+    idx, _ = batch(tiny_config)
+    np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
+
+
+def _corrupt(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "no such file"),
+        (lambda d: _corrupt(d / "adapter_model.safetensors"), "truncated|header"),
+        (lambda d: (d / "adapter_config.json").write_text("{not json"), "JSON|json"),
+        (
+            lambda d: (d / "adapter_config.json").write_text(
+                (d / "adapter_config.json").read_text().replace('"v"', '"k"')
+            ),
+            "missing",
+        ),
+        (
+            lambda d: (d / "adapter_config.json").write_text(
+                (d / "adapter_config.json").read_text().replace('"r": 4', '"r": 3')
+            ),
+            "shape",
+        ),
+    ],
+)
+def test_bad_adapter_files_leave_model_unchanged(tiny_config, tmp_path, damage, match):
+    """Missing, truncated, corrupted or mismatched files: clear error, model untouched."""
+    model = ml.GPT(tiny_config, seed=1)
+    ml.add_adapter(model, ml.LoraConfig(r=4, target_modules=("q", "v")))
+    ml.save_adapter(model, tmp_path / "ad")
+    damage(tmp_path / "ad")
+    fresh = ml.GPT(tiny_config, seed=1)
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=match):
+        ml.load_adapter(fresh, tmp_path / "ad")
+    assert fresh.adapters == {} and fresh.frozen == set()
+    assert fresh.state_dict().keys() == before.keys()
+    for n, v in before.items():
+        np.testing.assert_array_equal(fresh.params[n], v)
+
+
+def test_adapter_on_a_different_base_is_refused(tiny_config, tmp_path):
+    """The base fingerprint ties an adapter to the weights it was trained on."""
+    model = ml.GPT(tiny_config, seed=1)
+    ml.add_adapter(model, ml.LoraConfig(r=2))
+    ml.save_adapter(model, tmp_path / "ad")
+    with pytest.raises(ValueError, match="fingerprint"):
+        ml.load_adapter(ml.GPT(tiny_config, seed=2), tmp_path / "ad")
+    other = ml.GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, d_model=32)
+    with pytest.raises(ValueError, match="adapter is for a model"):
+        ml.load_adapter(ml.GPT(other, seed=1), tmp_path / "ad")
