@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -214,7 +215,9 @@ class GPT:
         self.rng = self.backend.rng(seed)
 
     # ------------------------------------------------------------------ checks
-    def _as_ids(self, ids: Any, what: str, allow_ignore: bool = False) -> Array:
+    def _as_ids(
+        self, ids: Any, what: str, allow_ignore: bool = False, any_length: bool = False
+    ) -> Array:
         """Validate token ids on the host before any array work, then move them."""
         host = to_host(ids) if not isinstance(ids, (list, tuple)) else np.asarray(ids)
         if host.dtype == bool or not np.issubdtype(host.dtype, np.integer):
@@ -224,7 +227,7 @@ class GPT:
         B, T = host.shape
         if B < 1 or T < 1:
             raise ValueError(f"{what} shape {host.shape} is empty; need B >= 1 and T >= 1")
-        if T > self.config.block_size:
+        if T > self.config.block_size and not any_length:
             raise ValueError(
                 f"{what} has T={T} tokens but block_size={self.config.block_size} is the most"
             )
@@ -432,12 +435,14 @@ class GPT:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be a positive number")
+        if not (
+            isinstance(temperature, numbers.Real) and 0 < temperature and math.isfinite(temperature)
+        ):
+            raise ValueError(f"temperature={temperature!r} must be a positive finite number")
         V = self.config.vocab_size
         if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= V):
             raise ValueError(f"top_k={top_k!r} must be an integer in 1..{V} or None")
-        out = to_host(self._as_ids(idx, "idx")).copy()
+        out = to_host(self._as_ids(idx, "idx", any_length=True)).copy()
         rng = host_rng(seed)
         for _ in range(max_new_tokens):
             context = out[:, -self.config.block_size :]

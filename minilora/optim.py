@@ -8,6 +8,7 @@ A and B and nothing for W. That is the other half of LoRA's memory saving.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from minilora.backend import to_host
 
 
 def _check_hyper(name: str, value: Any, low: float, high: float | None = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (high is not None and value >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name}={value!r} must be a number {bound}")
@@ -37,7 +38,7 @@ class Optimizer:
         self.model.grads = {}
 
     def _decays(self, name: str) -> bool:
-        """Decay matrices only (weights, LoRA A and B), never biases or layer norms."""
+        """Decay matrices only (embeddings, weights, LoRA A and B), never biases or norms."""
         return self.weight_decay > 0 and self.model.params[name].ndim >= 2
 
     def state_dict(self) -> dict[str, Any]:
@@ -50,6 +51,8 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (checked before anything changes)."""
+        if not isinstance(state, dict) or "t" not in state or "lr" not in state:
+            raise ValueError("optimizer state must be a dict with 't', 'lr' and 'state.*' entries")
         slots: dict[str, dict[str, Any]] = {}
         for key, value in state.items():
             if not key.startswith("state."):
@@ -110,6 +113,8 @@ class AdamW(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(model, lr, weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2)")
         self.b1 = _check_hyper("betas[0]", betas[0], 0.0, 1.0)
         self.b2 = _check_hyper("betas[1]", betas[1], 0.0, 1.0)
         self.eps = _check_hyper("eps", eps, 0.0)

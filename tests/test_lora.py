@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora.gradcheck import check_gradients, gradcheck
+from minilora.gradcheck import check_gradients, gradcheck, randomize_for_check
 from minilora.layers import dropout_mask
 from minilora.lora import lora_backward, lora_forward
 
@@ -17,8 +17,7 @@ ALL = ml.TARGET_MODULES
 def random_model(cfg, seed=0, dtype="float64"):
     """Random weights everywhere (not GPT-2's small init), so gradients are not tiny."""
     model = ml.GPT(cfg, seed=seed, dtype=dtype)
-    rng = np.random.default_rng(seed + 100)
-    model.load_state_dict({n: rng.normal(0, 0.2, v.shape) for n, v in model.state_dict().items()})
+    randomize_for_check(model, seed)
     return model
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora.gradcheck import randomize_for_check
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional reference)")
 F = torch.nn.functional
@@ -57,8 +58,7 @@ def rel(a, b):
 def random_model(cfg, seed=0):
     """A float64 model whose weights are random everywhere (not GPT-2's small init)."""
     model = ml.GPT(cfg, seed=seed, dtype="float64")
-    rng = np.random.default_rng(seed + 100)
-    model.load_state_dict({n: rng.normal(0, 0.2, v.shape) for n, v in model.state_dict().items()})
+    randomize_for_check(model, seed)
     return model
 
 

@@ -1,0 +1,3 @@
+from minilora.cli import main
+
+raise SystemExit(main())

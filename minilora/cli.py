@@ -1,0 +1,174 @@
+"""``minilora ...`` and ``python -m minilora ...``.
+
+Every command takes --device and --seed. Bad arguments, missing files and wrong
+checkpoints print one line on stderr and exit with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minilora.backend import DeviceUnavailableError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 (argparse prints the usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"minilora {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="cpu (NumPy) or gpu (CuPy); default $MINILORA_DEVICE or cpu",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"(default {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    p.add_argument("--eval-every", type=int, default=50, help="(default 50; 0 = at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="(default 0 = at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="minilora",
+        description="LoRA taught by building it: a hand-written GPT and LoRA on NumPy/CuPy.",
+        formatter_class=_formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole LoRA story in about a minute",
+        formatter_class=_formatter,
+        epilog="examples:\n  minilora demo\n  minilora demo --steps 300 --rank 16",
+    )
+    _common(p)
+    p.add_argument("--task", default="shift", help="fine-tuning task: shift or rot (default shift)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
+    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (default 150)")
+    p.add_argument("--out", default="runs/demo", help="where the adapter goes (default runs/demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a base model on a built-in task or a text file",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora pretrain --out runs/base\n"
+        "  minilora pretrain --text my.txt --preset tiny --steps 500",
+    )
+    _common(p)
+    p.add_argument("--preset", default="small", help="model size: tiny small medium large")
+    p.add_argument("--text", default=None, help="a UTF-8 text file instead of the built-in corpus")
+    p.add_argument("--out", default="runs/base", help="output folder (default runs/base)")
+    _training(p, steps=1500, batch=32, lr=3e-3)
+
+    p = sub.add_parser(
+        "finetune",
+        help="LoRA (or full) fine-tuning of a base model",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora finetune --task shift --rank 8 --targets q,v\n"
+        "  minilora finetune --task rot --full --lr 3e-4\n"
+        "  minilora finetune --base runs/base --text my.txt",
+    )
+    _common(p)
+    p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
+    p.add_argument("--task", default="shift", help="shift, rot, planted or text (with --text)")
+    p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+    p.add_argument("--init", default="gaussian", help="gaussian, kaiming or pissa")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
+    _training(p, steps=300, batch=64, lr=3e-3)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample from a base model (+ adapters)",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora generate --prompt 'rev hello>'\n"
+        "  minilora generate --adapter runs/finetune/adapter --prompt 'shift abc>'\n"
+        "  minilora generate --adapter runs/finetune/adapter --merge --greedy",
+    )
+    _common(p)
+    p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
+    p.add_argument("--merge", action="store_true", help="merge the adapters into W first")
+    p.add_argument("--prompt", default="copy hello>", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+    p = sub.add_parser(
+        "params",
+        help="parameter and training-memory accounting",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora params --preset gpt3-175b --rank 4\n"
+        "  minilora params --preset small --targets q,k,v,o --json",
+    )
+    _common(p)
+    p.add_argument(
+        "--preset", default="small", help="tiny small medium large gpt2 gpt3-175b (default small)"
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser(
+        "gradcheck",
+        help="check every backward against finite differences",
+        formatter_class=_formatter,
+        epilog="examples:\n  minilora gradcheck\n",
+    )
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from minilora import commands
+
+    try:
+        return commands.COMMANDS[args.command](args)
+    except (ValueError, TypeError, DeviceUnavailableError) as err:
+        print(f"minilora {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"minilora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""What each ``minilora`` command does (cli.py parses the arguments)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from minilora import checkpoints, params
+from minilora.data import CharTokenizer, TextFileTask, get_task
+from minilora.lora import LoraConfig, add_adapter
+from minilora.model import GPT, GPTConfig
+from minilora.train import TrainConfig, Trainer
+
+BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
+PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 1500 --seed 0 --out runs/base"
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def load_base(folder: str | None, device: str | None) -> tuple[GPT, CharTokenizer]:
+    """The base model and its tokenizer: ``folder``, or the built-in pretrained base."""
+    path = Path(folder) if folder is not None else BUILTIN_BASE
+    if folder is None and not (path / checkpoints.MODEL_WEIGHTS).exists():
+        raise ValueError(
+            f"the built-in base is missing from {path}; rebuild it with `{PRETRAIN_COMMAND}` "
+            "and pass --base runs/base/model"
+        )
+    model, meta = checkpoints.load_model(path, device=device)
+    tokenizer = meta.get("extra", {}).get("tokenizer")
+    tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer.default()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} symbols, model {model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def _train_config(args: Namespace, block_size: int) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        block_size=block_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+
+
+def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
+    if text is not None:
+        return TextFileTask(text, tokenizer=tokenizer)
+    return get_task(name, tokenizer=tokenizer) if tokenizer is not None else get_task(name)
+
+
+# ------------------------------------------------------------------------- pretrain
+def pretrain(args: Namespace) -> int:
+    task = _task("pretrain", args.text, None)
+    tokenizer = task.tokenizer
+    sizes = params.preset(args.preset)
+    config = GPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        block_size=sizes["block_size"],
+        n_layer=sizes["n_layer"],
+        n_head=sizes["n_head"],
+        d_model=sizes["d_model"],
+    )
+    model = GPT(config, seed=args.seed, device=args.device)
+    out = Path(args.out)
+    trainer = Trainer(
+        model, task, _train_config(args, config.block_size), out / "train", progress=not args.quiet
+    )
+    trainer.run(resume=args.resume)
+    last = [r for r in trainer.history if "val_loss" in r][-1]
+    info = checkpoints.save_model(
+        model,
+        out / "model",
+        extra={
+            "tokenizer": tokenizer.to_dict(),
+            "task": task.name,
+            "command": "minilora " + " ".join(sys.argv[1:]),
+            "val": last,
+        },
+    )
+    print(f"validation: loss {last['val_loss']:.4f}, answer accuracy {last['val_exact']:.1%}")
+    print(f"saved {info['weights']} ({info['bytes'] / 1e6:.2f} MB)")
+    return 0
+
+
+# ------------------------------------------------------------------------- finetune
+def finetune(args: Namespace) -> int:
+    model, tokenizer = load_base(args.base, args.device)
+    task = _task(args.task, args.text, tokenizer)
+    if args.full:
+        mode = "full"
+    else:
+        alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
+        lcfg = LoraConfig(
+            r=args.rank,
+            alpha=alpha,
+            dropout=args.dropout,
+            target_modules=_targets(args.targets),
+            init=args.init,
+            use_rslora=args.rslora,
+        )
+        add_adapter(model, lcfg, name="default", seed=args.seed)
+        mode = f"LoRA r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+    block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
+    out = Path(args.out)
+    trainer = Trainer(
+        model, task, _train_config(args, block), out / "train", progress=not args.quiet
+    )
+    before = trainer._evaluate() if not args.resume else None
+    trainer.run(resume=args.resume)
+    after = [r for r in trainer.history if "val_loss" in r][-1]
+    print(f"{mode}: {len(model.trainable_names())} trainable tensors")
+    if before:
+        print(f"before: loss {before['loss']:.4f}, exact {before['exact']:.1%}")
+    print(f"after:  loss {after['val_loss']:.4f}, exact {after['val_exact']:.1%}")
+    if args.full:
+        info = checkpoints.save_model(
+            model, out / "model", extra={"tokenizer": tokenizer.to_dict()}
+        )
+    else:
+        info = checkpoints.save_adapter(model, out / "adapter")
+    print(f"saved {info['weights']} ({info['bytes'] / 1e3:.1f} kB)")
+    return 0
+
+
+# ------------------------------------------------------------------------- generate
+def generate(args: Namespace) -> int:
+    from minilora.lora import merge, set_adapter
+
+    model, tokenizer = load_base(args.base, args.device)
+    names = [checkpoints.load_adapter(model, a, name=f"a{i}") for i, a in enumerate(args.adapter)]
+    if names:
+        set_adapter(model, names)
+    if args.merge:
+        merge(model)
+    prompt = tokenizer.encode(args.prompt)[None, :]
+    out = model.generate(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        greedy=args.greedy,
+        seed=args.seed,
+    )
+    print(tokenizer.decode(out[0]))
+    return 0
+
+
+# --------------------------------------------------------------------------- params
+def params_command(args: Namespace) -> int:
+    table = params.accounting_table(args.preset, r=args.rank, targets=_targets(args.targets))
+    if args.json:
+        json.dump(table, sys.stdout, indent=2)
+        print()
+    else:
+        print(params.format_accounting(table))
+    return 0
+
+
+# ------------------------------------------------------------------------ gradcheck
+def gradcheck_command(args: Namespace) -> int:
+    from minilora.gradcheck import format_report, full_report
+
+    results = full_report(seed=args.seed)
+    print(format_report(results))
+    failed = [r.name for r in results if not r.passed()]
+    print(
+        f"{len(results) - len(failed)} of {len(results)} checks below 1e-6"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def demo(args: Namespace) -> int:
+    from minilora.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {
+    "demo": demo,
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "generate": generate,
+    "params": params_command,
+    "gradcheck": gradcheck_command,
+}
