@@ -222,8 +222,12 @@ class Trainer:
         self._log({"step": self.step, "loss": loss, "lr": self.opt.lr, "grad_norm": grad_norm})
         return loss
 
-    def run(self, resume: bool = False) -> list[dict[str, float]]:
-        """Train to ``cfg.steps``; Ctrl-C saves a checkpoint and returns early."""
+    def run(self, resume: bool = False, until: int | None = None) -> list[dict[str, float]]:
+        """Train to ``cfg.steps`` (or stop after step ``until``, as an interruption would).
+
+        The schedule always spans ``cfg.steps``, so a run stopped at ``until`` and
+        resumed later is the same run. Ctrl-C saves a checkpoint and re-raises.
+        """
         from tqdm.auto import tqdm
 
         if resume:
@@ -238,8 +242,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
+        stop = cfg.steps if until is None else min(until, cfg.steps)
         try:
-            while self.step < cfg.steps:
+            while self.step < stop:
                 loss = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")

@@ -354,3 +354,27 @@ def test_accuracy_errors():
         answer_accuracy(np.zeros((2, 5, 3)), batch)
     with pytest.raises(ValueError, match="no targets"):
         answer_accuracy(np.zeros((1, 2)), Batch(np.zeros((1, 2)), np.full((1, 2), -1)))
+
+
+# ----------------------------------------------------------------- planted rank
+def test_planted_rank_task_is_exactly_representable():
+    """LoRA with B A = ΔW / s on the planted modules reproduces the teacher exactly."""
+    import minilora as ml
+    from minilora.planted import PlantedRankTask
+
+    cfg = ml.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, d_model=16)
+    base = ml.GPT(cfg, seed=0, dtype="float64")
+    task = PlantedRankTask(base, rank=2, targets=("q", "v"), strength=2.0, seed=1)
+    batch = task.batch(3, 8, 32)
+    np.testing.assert_array_equal(batch.targets, task.batch(3, 8, 32).targets)  # deterministic
+    base_pred = base.forward(batch.idx).argmax(-1)
+    assert (base_pred != batch.targets).mean() > 0.02  # the change matters
+    for module, delta in task.delta.items():
+        assert np.linalg.matrix_rank(delta) == 2
+    lcfg = ml.LoraConfig(r=2, alpha=2.0, target_modules=("q", "v"))
+    ml.add_adapter(base, lcfg)
+    for module, delta in task.delta.items():
+        U, S, Vt = np.linalg.svd(delta)
+        base.params[f"{module}.lora_B.default"][...] = U[:, :2] * S[:2] / lcfg.scale
+        base.params[f"{module}.lora_A.default"][...] = Vt[:2]
+    np.testing.assert_array_equal(base.forward(batch.idx).argmax(-1), batch.targets)
