@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
     p.add_argument("--task", default="shift", help="shift, rot, planted or text (with --text)")
     p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file")
+    p.add_argument(
+        "--planted-rank", type=int, default=4, help="rank of the planted change (task planted)"
+    )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")

@@ -12,6 +12,7 @@ from minilora import checkpoints, params
 from minilora.data import CharTokenizer, TextFileTask, get_task
 from minilora.lora import LoraConfig, add_adapter
 from minilora.model import GPT, GPTConfig
+from minilora.planted import PlantedRankTask
 from minilora.train import TrainConfig, Trainer
 
 BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
@@ -96,7 +97,10 @@ def pretrain(args: Namespace) -> int:
 # ------------------------------------------------------------------------- finetune
 def finetune(args: Namespace) -> int:
     model, tokenizer = load_base(args.base, args.device)
-    task = _task(args.task, args.text, tokenizer)
+    if args.task == "planted" and args.text is None:  # its teacher is this base + a rank-k ΔW
+        task = PlantedRankTask(model, tokenizer, rank=args.planted_rank, seed=args.seed)
+    else:
+        task = _task(args.task, args.text, tokenizer)
     if args.full:
         mode = "full"
     else:

@@ -23,6 +23,8 @@ from minilora.data import get_task
 from minilora.lora import LoraConfig, add_adapter, disable_adapters, merge, set_adapter, unmerge
 from minilora.train import TrainConfig, Trainer, evaluate
 
+BATCH_SIZE = 64
+
 
 def _heading(text: str) -> None:
     print(f"\n== {text}")
@@ -89,7 +91,7 @@ def run_demo(args: Namespace) -> int:
     _heading(f"4. Fine-tune A and B on '{args.task}' ({args.steps} steps)")
     cfg = TrainConfig(
         steps=args.steps,
-        batch_size=64,
+        batch_size=BATCH_SIZE,
         block_size=block,
         lr=3e-3,
         warmup=10,
@@ -146,11 +148,13 @@ def run_demo(args: Namespace) -> int:
     return 0
 
 
-def _sizes(c) -> dict:
+def _sizes(c, batch_size: int = BATCH_SIZE) -> dict:
+    """The model's sizes in params.py's terms (activation memory needs a batch size)."""
     return {
         "vocab_size": c.vocab_size,
         "block_size": c.block_size,
         "n_layer": c.n_layer,
         "n_head": c.n_head,
         "d_model": c.d_model,
+        "batch_size": batch_size,
     }
