@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, DeviceUnavailableError) as err:
         print(f"minilora {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # e.g. an output folder that cannot be written
+        print(f"minilora {args.command}: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

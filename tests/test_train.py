@@ -139,3 +139,23 @@ def test_frozen_everything_is_an_error():
     model.freeze("*")
     with pytest.raises(ValueError, match="no trainable"):
         Trainer(model, ShiftTask(), config(2), progress=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    """KeyboardInterrupt mid-run: a checkpoint at the last finished step, then re-raised."""
+    model = lora_model()
+    trainer = Trainer(model, ShiftTask(), config(10), out_dir=tmp_path, progress=False)
+    real_step = trainer.train_step
+
+    def interrupted_step():
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 4
+    resumed = Trainer(lora_model(), ShiftTask(), config(10), out_dir=tmp_path, progress=False)
+    resumed.run(resume=True)
+    assert resumed.step == 10
