@@ -60,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole LoRA story in about a minute",
         formatter_class=_formatter,
-        epilog="examples:\n  minilora demo\n  minilora demo --steps 300 --rank 16",
+        epilog="examples:\n  minilora demo\n  minilora demo --task rot --rank 2 --quiet",
     )
     _common(p)
-    p.add_argument("--task", default="shift", help="fine-tuning task: shift or rot (default shift)")
+    p.add_argument("--task", default="shift", choices=("shift", "rot"), help="(default shift)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
-    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (default 150)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     p.add_argument("--out", default="runs/demo", help="where the adapter goes (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  minilora finetune --task shift --rank 8 --targets q,v\n"
         "  minilora finetune --task rot --full --lr 3e-4\n"
-        "  minilora finetune --base runs/base --text my.txt",
+        "  minilora finetune --base runs/base/model --text my.txt",
     )
     _common(p)
     p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")

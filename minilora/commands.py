@@ -16,7 +16,7 @@ from minilora.planted import PlantedRankTask
 from minilora.train import TrainConfig, Trainer
 
 BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
-PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 1500 --seed 0 --out runs/base"
+PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
 def _targets(text: str) -> tuple[str, ...]:

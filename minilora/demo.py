@@ -77,15 +77,16 @@ def run_demo(args: Namespace) -> int:
 
     _heading("3. What is trainable")
     count = params.count_parameters(model)
+    base_total = count.total - count.trainable  # what full fine-tuning would train
     full = params.memory_estimate(_sizes(c), None, bytes_per_param=4)
     lora = params.memory_estimate(_sizes(c), lcfg.r, lcfg.target_modules, bytes_per_param=4)
     print(f"{'':24}{'full fine-tuning':>18}{'LoRA':>14}")
-    print(f"{'trainable parameters':24}{count.total:>18,}{count.trainable:>14,}")
+    print(f"{'trainable parameters':24}{base_total:>18,}{count.trainable:>14,}")
     for key in ("gradients", "optimizer", "checkpoint"):
         print(f"{key + ' (bytes)':24}{full[key]:>18,}{lora[key]:>14,}")
     print(
-        f"LoRA trains {count.ratio:.2%} of the parameters "
-        f"({count.total / count.trainable:.0f}x fewer)"
+        f"LoRA trains {count.trainable / base_total:.2%} as many parameters as full "
+        f"fine-tuning ({base_total / count.trainable:.0f}x fewer); W gets no gradient buffer"
     )
 
     _heading(f"4. Fine-tune A and B on '{args.task}' ({args.steps} steps)")
@@ -130,7 +131,8 @@ def run_demo(args: Namespace) -> int:
     set_adapter(model, "default")
     for w, b in zip(words, before, strict=True):
         after = _greedy(model, tokenizer, f"{args.task} {w}>")
-        print(f"  {args.task} {w}>   base: {b!r:14} LoRA: {after!r}")
+        prompt = f"{args.task} {w}>"
+        print(f"  {prompt:16} base: {b!r:14} LoRA: {after!r}")
     out = Path(args.out)
     info = checkpoints.save_adapter(model, out / "adapter")
     base_bytes = (BUILTIN_BASE / checkpoints.MODEL_WEIGHTS).stat().st_size
