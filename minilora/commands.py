@@ -120,7 +120,7 @@ def finetune(args: Namespace) -> int:
     trainer = Trainer(
         model, task, _train_config(args, block), out / "train", progress=not args.quiet
     )
-    before = trainer._evaluate() if not args.resume else None
+    before = trainer.validate() if not args.resume else None
     trainer.run(resume=args.resume)
     after = [r for r in trainer.history if "val_loss" in r][-1]
     print(f"{mode}: {len(model.trainable_names())} trainable tensors")

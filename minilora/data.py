@@ -333,6 +333,12 @@ class RuleTask:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(min_len={self.min_len}, max_len={self.max_len})"
 
+    @property
+    def block_size(self) -> int:
+        """The smallest T that fits every example: "{op} {word}>{answer}." has at most
+        len(op) + 2 max_len + 3 characters, and the last one is only ever a target."""
+        return max(len(op) for op in self.ops) + 2 * self.max_len + 2
+
     def make_example(self, op: str, word: str) -> Example:
         """The example for applying ``op`` to ``word``."""
         if op not in self.ops:

@@ -40,7 +40,7 @@ def run_demo(args: Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_base(None, args.device)
     task = get_task(args.task, tokenizer=tokenizer)
-    block = 24  # the longest example ("shift abcdefgh>bcdefghi.") fits
+    block = task.block_size  # fits the longest example, "shift abcdefgh>bcdefghi."
     c = model.config
     _heading("1. The pretrained base")
     print(

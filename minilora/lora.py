@@ -193,6 +193,8 @@ class LoraConfig:
                 isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in layers
             ):
                 raise ValueError(f"layers={self.layers!r} must be non-negative block indices")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers={self.layers!r} lists a block twice")
             object.__setattr__(self, "layers", tuple(int(i) for i in layers))
         object.__setattr__(self, "r", int(self.r))
         object.__setattr__(self, "alpha", float(self.alpha))

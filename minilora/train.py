@@ -249,7 +249,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self._evaluate()
+                    self.validate()
                 if self.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
@@ -259,13 +259,14 @@ class Trainer:
                 print(f"interrupted at step {self.step}; saved {folder} (continue with --resume)")
             raise
         bar.close()
-        self._evaluate()
+        self.validate()
         if self.out_dir is not None:
             self.save_checkpoint()
         self.seconds = time.perf_counter() - start
         return self.history
 
-    def _evaluate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
+        """Evaluate on the fixed validation batch and log it as val_* at this step."""
         metrics = evaluate(self.model, self.eval_batch)
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics

@@ -378,3 +378,12 @@ def test_planted_rank_task_is_exactly_representable():
         base.params[f"{module}.lora_B.default"][...] = U[:, :2] * S[:2] / lcfg.scale
         base.params[f"{module}.lora_A.default"][...] = Vt[:2]
     np.testing.assert_array_equal(base.forward(batch.idx).argmax(-1), batch.targets)
+
+
+def test_rule_task_block_size_fits_the_longest_example():
+    """block_size is the smallest T that encodes the longest example of every op."""
+    for task in (ShiftTask(), RotTask(), PretrainTask()):
+        longest = [task.make_example(op, "z" * task.max_len) for op in task.ops]
+        encode_examples(task.tokenizer, longest, task.block_size)
+        with pytest.raises(ValueError):
+            encode_examples(task.tokenizer, longest, task.block_size - 1)
