@@ -54,6 +54,14 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
     )
 
 
+def _metrics(row: dict, prefix: str = "") -> str:
+    """loss, accuracy per counted character, and rows with every counted character right."""
+    return (
+        f"loss {row[prefix + 'loss']:.4f}, char acc {row[prefix + 'char_acc']:.1%}, "
+        f"exact {row[prefix + 'exact']:.1%}"
+    )
+
+
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
     if text is not None:
         return TextFileTask(text, tokenizer=tokenizer)
@@ -89,7 +97,7 @@ def pretrain(args: Namespace) -> int:
             "val": last,
         },
     )
-    print(f"validation: loss {last['val_loss']:.4f}, answer accuracy {last['val_exact']:.1%}")
+    print(f"validation: {_metrics(last, 'val_')}")
     print(f"saved {info['weights']} ({info['bytes'] / 1e6:.2f} MB)")
     return 0
 
@@ -125,8 +133,8 @@ def finetune(args: Namespace) -> int:
     after = [r for r in trainer.history if "val_loss" in r][-1]
     print(f"{mode}: {len(model.trainable_names())} trainable tensors")
     if before:
-        print(f"before: loss {before['loss']:.4f}, exact {before['exact']:.1%}")
-    print(f"after:  loss {after['val_loss']:.4f}, exact {after['val_exact']:.1%}")
+        print(f"before: {_metrics(before)}")
+    print(f"after:  {_metrics(after, 'val_')}")
     if args.full:
         info = checkpoints.save_model(
             model, out / "model", extra={"tokenizer": tokenizer.to_dict()}
