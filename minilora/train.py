@@ -83,7 +83,8 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 def clip_gradients(grads: dict[str, Any], max_norm: float) -> float:
     """Scale all gradients by min(1, max_norm / ||g||) in place; returns ||g|| before."""
-    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    # summed on the device, one transfer: a float() per array would sync the GPU each time
+    norm = math.sqrt(float(sum((g * g).sum() for g in grads.values())))
     if max_norm > 0 and norm > max_norm:
         for g in grads.values():
             g *= max_norm / norm
