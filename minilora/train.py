@@ -83,8 +83,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 def clip_gradients(grads: dict[str, Any], max_norm: float) -> float:
     """Scale all gradients by min(1, max_norm / ||g||) in place; returns ||g|| before."""
-    # summed on the device, one transfer: a float() per array would sync the GPU each time
-    norm = math.sqrt(float(sum((g * g).sum() for g in grads.values())))
+    # per-array sums in the gradient's dtype, accumulated in float64 on the device: one
+    # transfer at the end (a float() per array would make the GPU wait once per array)
+    norm = math.sqrt(float(sum((g * g).sum().astype("float64") for g in grads.values())))
     if max_norm > 0 and norm > max_norm:
         for g in grads.values():
             g *= max_norm / norm
