@@ -6,10 +6,14 @@ import ast
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
 import minilora.io as mio
 from minilora.io import (
@@ -437,3 +441,33 @@ def test_io_module_never_imports_pickle():
     assert imported  # the walk found the real imports (json, numpy, ...)
     assert not imported & {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal"}
     assert "allow_pickle" not in source
+
+
+# --------------------------------------------------------------------------- property
+
+_any_tensor = st.sampled_from(
+    [np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_]
+).flatmap(lambda dt: arrays(dt, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tensors=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda s: s != "__metadata__"),
+        _any_tensor,
+        max_size=4,
+    )
+)
+def test_any_tensors_round_trip_bit_for_bit(tensors):
+    """Whatever the names, dtypes and shapes (0-d, empty, NaN), the bytes come back."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "t.safetensors"
+        save_safetensors(path, tensors)
+        loaded, _ = load_safetensors(path)
+        if st_numpy is not None:
+            official = st_numpy.load_file(str(path))
+            assert official.keys() == tensors.keys()
+    assert loaded.keys() == tensors.keys()
+    for name, array in tensors.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        assert loaded[name].tobytes() == array.tobytes()
