@@ -25,9 +25,9 @@ from minilora.lora import (
     LoraConfig,
     _check_name,
     _check_unmerged,
-    _initial_factors,
     _install,
     _modules_for,
+    _take_pissa_part,
     lora_names,
     set_adapter,
 )
@@ -138,12 +138,7 @@ def load_adapter(
     # Everything checked: from here on the model changes.
     pissa_init = {}
     if config.init == "pissa":  # the same SVD of the same W gives the same residual
-        for module in modules:
-            W = to_host(model.params[f"{module}.weight"]).astype(np.float64)
-            A0, B0, W_residual = _initial_factors(W, config, np.random.default_rng(0))
-            model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
-            pissa_init[module] = (A0, B0)
-    model.freeze(*model.base_names())
+        pissa_init = {module: _take_pissa_part(model, module, config) for module in modules}
     active = list(model.active_adapters)
     _install(model, name, config, factors, fingerprint, pissa_init)
     if not activate:

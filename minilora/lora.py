@@ -276,27 +276,37 @@ def _modules_for(model: GPT, config: LoraConfig) -> list[str]:
     return [module_path(i, t) for i in layers for t in config.target_modules]
 
 
-def _initial_factors(
-    W: np.ndarray, config: LoraConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(A, B, W_residual or None) on the host, in float64, for one module."""
-    d_out, d_in = W.shape
+def _random_factors(
+    d_out: int, d_in: int, config: LoraConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) on the host in float64 for the random inits: A drawn, B = 0."""
     r = config.r
     if config.init == "gaussian":  # PEFT's "gaussian": std 1/r, so u = xA^T shrinks with r
-        return rng.normal(0.0, 1.0 / r, (r, d_in)), np.zeros((d_out, r)), None
-    if config.init == "kaiming":  # kaiming_uniform_(a=sqrt(5)): PyTorch's nn.Linear default
-        bound = 1.0 / math.sqrt(d_in)
-        return rng.uniform(-bound, bound, (r, d_in)), np.zeros((d_out, r)), None
-    # PiSSA (Meng et al. 2024): the adapter starts as the top-r singular part of W, and
-    # W keeps the rest, so s B A + W_residual = W and the model is unchanged at step 0.
+        return rng.normal(0.0, 1.0 / r, (r, d_in)), np.zeros((d_out, r))
+    # kaiming_uniform_(a=sqrt(5)), PyTorch's nn.Linear default: U(-1/sqrt(d_in), 1/sqrt(d_in))
+    bound = 1.0 / math.sqrt(d_in)
+    return rng.uniform(-bound, bound, (r, d_in)), np.zeros((d_out, r))
+
+
+def _take_pissa_part(model: GPT, module: str, config: LoraConfig) -> tuple[np.ndarray, np.ndarray]:
+    """PiSSA (Meng et al. 2024): split W into its top-r singular part and the rest.
+
+    Returns (A0, B0) with s B0 A0 = U_r S_r V_r^T and writes W <- W - s B0 A0 into the
+    model, so s B0 A0 + W_residual = W and the model is unchanged at step 0. No
+    randomness: the same W always gives the same split.
+    """
+    W = to_host(model.params[f"{module}.weight"]).astype(np.float64)
+    d_out, d_in = W.shape
     U, S, Vt = np.linalg.svd(W, full_matrices=False)
-    k = min(r, S.size)
+    k = min(config.r, S.size)
     sqrt_s = np.sqrt(S[:k] / config.scale)
-    A = np.zeros((r, d_in))
-    B = np.zeros((d_out, r))
+    A = np.zeros((config.r, d_in))
+    B = np.zeros((d_out, config.r))
     A[:k] = sqrt_s[:, None] * Vt[:k]
     B[:, :k] = U[:, :k] * sqrt_s
-    return A, B, W - config.scale * (B @ A)
+    W_residual = W - config.scale * (B @ A)
+    model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
+    return A, B
 
 
 def _install(
@@ -307,7 +317,8 @@ def _install(
     fingerprint: str,
     pissa_init: dict | None = None,
 ) -> None:
-    """Put A and B of every module on the device, freeze the rest, make ``name`` active."""
+    """Put A and B of every module on the device, freeze the base, make ``name`` active."""
+    model.freeze(*model.base_names())
     for module, (A, B) in factors.items():
         A_name, B_name = lora_names(module, name)
         model.params[A_name] = model.backend.asarray(A, dtype=model.dtype)
@@ -336,19 +347,17 @@ def add_adapter(
     rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
     factors, pissa_init = {}, {}
     for module in modules:
-        W = to_host(model.params[f"{module}.weight"]).astype(np.float64)
-        if config.r > min(W.shape):
+        d_out, d_in = model.params[f"{module}.weight"].shape
+        if config.r > min(d_out, d_in):
             warnings.warn(
-                f"LoRA r={config.r} exceeds min(d_out, d_in)={min(W.shape)} of {module}: "
+                f"LoRA r={config.r} exceeds min(d_out, d_in)={min(d_out, d_in)} of {module}: "
                 "the update BA cannot have rank above that",
                 stacklevel=2,
             )
-        A, B, W_residual = _initial_factors(W, config, rng)
-        if W_residual is not None:
-            model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
-            pissa_init[module] = (A, B)
-        factors[module] = (A, B)
-    model.freeze(*model.base_names())
+        if config.init == "pissa":
+            factors[module] = pissa_init[module] = _take_pissa_part(model, module, config)
+        else:
+            factors[module] = _random_factors(d_out, d_in, config, rng)
     _install(model, name, config, factors, fingerprint, pissa_init)
 
 
