@@ -37,6 +37,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def _base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
+
+
+def _rank(p: argparse.ArgumentParser, alpha: bool) -> None:
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    if alpha:
+        p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
+
+
+def _targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+
+
 def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=batch, help=f"(default {batch})")
@@ -64,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--task", default="shift", choices=("shift", "rot"), help="(default shift)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
+    _rank(p, alpha=True)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     p.add_argument("--out", default="runs/demo", help="where the adapter goes (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="model size: tiny small medium large")
     p.add_argument("--text", default=None, help="a UTF-8 text file instead of the built-in corpus")
     p.add_argument("--out", default="runs/base", help="output folder (default runs/base)")
-    _training(p, steps=1500, batch=32, lr=3e-3)
+    _training(p, steps=3000, batch=32, lr=3e-3)  # the built-in base's settings
 
     p = sub.add_parser(
         "finetune",
@@ -94,17 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         "  minilora finetune --base runs/base/model --text my.txt",
     )
     _common(p)
-    p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
+    _base(p)
     p.add_argument("--task", default="shift", help="shift, rot, planted or text (with --text)")
     p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file")
     p.add_argument(
         "--planted-rank", type=int, default=4, help="rank of the planted change (task planted)"
     )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
+    _rank(p, alpha=True)
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+    _targets(p)
     p.add_argument("--init", default="gaussian", help="gaussian, kaiming or pissa")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  minilora generate --adapter runs/finetune/adapter --merge --greedy",
     )
     _common(p)
-    p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
+    _base(p)
     p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
     p.add_argument("--merge", action="store_true", help="merge the adapters into W first")
     p.add_argument("--prompt", default="copy hello>", help="text to continue")
@@ -141,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset", default="small", help="tiny small medium large gpt2 gpt3-175b (default small)"
     )
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+    _rank(p, alpha=False)
+    _targets(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(

@@ -54,12 +54,9 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
     )
 
 
-def _metrics(row: dict, prefix: str = "") -> str:
+def _metrics(m: dict) -> str:
     """loss, accuracy per counted character, and rows with every counted character right."""
-    return (
-        f"loss {row[prefix + 'loss']:.4f}, char acc {row[prefix + 'char_acc']:.1%}, "
-        f"exact {row[prefix + 'exact']:.1%}"
-    )
+    return f"loss {m['loss']:.4f}, char acc {m['char_acc']:.1%}, exact {m['exact']:.1%}"
 
 
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
@@ -86,7 +83,7 @@ def pretrain(args: Namespace) -> int:
         model, task, _train_config(args, config.block_size), out / "train", progress=not args.quiet
     )
     trainer.run(resume=args.resume)
-    last = [r for r in trainer.history if "val_loss" in r][-1]
+    last = trainer.last_validation
     info = checkpoints.save_model(
         model,
         out / "model",
@@ -97,7 +94,7 @@ def pretrain(args: Namespace) -> int:
             "val": last,
         },
     )
-    print(f"validation: {_metrics(last, 'val_')}")
+    print(f"validation: {_metrics(last)}")
     print(f"saved {info['weights']} ({info['bytes'] / 1e6:.2f} MB)")
     return 0
 
@@ -130,11 +127,11 @@ def finetune(args: Namespace) -> int:
     )
     before = trainer.validate() if not args.resume else None
     trainer.run(resume=args.resume)
-    after = [r for r in trainer.history if "val_loss" in r][-1]
+    after = trainer.last_validation
     print(f"{mode}: {len(model.trainable_names())} trainable tensors")
     if before:
         print(f"before: {_metrics(before)}")
-    print(f"after:  {_metrics(after, 'val_')}")
+    print(f"after:  {_metrics(after)}")
     if args.full:
         info = checkpoints.save_model(
             model, out / "model", extra={"tokenizer": tokenizer.to_dict()}

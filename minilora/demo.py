@@ -152,11 +152,4 @@ def run_demo(args: Namespace) -> int:
 
 def _sizes(c, batch_size: int = BATCH_SIZE) -> dict:
     """The model's sizes in params.py's terms (activation memory needs a batch size)."""
-    return {
-        "vocab_size": c.vocab_size,
-        "block_size": c.block_size,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "d_model": c.d_model,
-        "batch_size": batch_size,
-    }
+    return {**c.to_dict(), "batch_size": batch_size}

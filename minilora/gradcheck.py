@@ -219,6 +219,7 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     mask = L.dropout_mask((3, 5, 6), 0.3, xp.random.default_rng(seed), np.dtype("float64"))
     targets = xp.asarray(rng.integers(-1, 7, size=(3, 5)))
     targets[0, 0] = 1  # at least one counted position
+    W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -255,7 +256,6 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             dict(x=arr(3, 5, 6), A=arr(2, 6), B=arr(4, 2)),
         ),
     ]
-    W_lora, b_lora = arr(4, 6), arr(4)
     results = []
     for name, forward, backward, inputs in ops:
         for r in gradcheck(forward, backward, inputs, seed=seed):

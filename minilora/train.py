@@ -140,6 +140,7 @@ class Trainer:
         self.opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.last_validation: dict[str, float] | None = None  # {"loss", "char_acc", "exact"}
         self.eval_batch = task.eval_batch(cfg.eval_size, cfg.block_size, seed=cfg.seed)
 
     # --------------------------------------------------------------- checkpoints
@@ -270,5 +271,6 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Evaluate on the fixed validation batch and log it as val_* at this step."""
         metrics = evaluate(self.model, self.eval_batch)
+        self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics

@@ -63,6 +63,22 @@ def test_adamw_matches_reference_formula():
         np.testing.assert_array_equal(model.params[name], start[name])
 
 
+def step_both_and_compare(torch, model, opt, tparams, topt, steps):
+    """Feed minilora's gradients to both optimizers for ``steps`` steps; weights must agree."""
+    for step in range(steps):
+        model.loss(*train_batch(step))
+        model.backward()
+        for name, p in tparams.items():
+            p.grad = torch.tensor(model.grads[name])
+        opt.step()
+        topt.step()
+        opt.zero_grad()
+    for name, p in tparams.items():
+        np.testing.assert_allclose(
+            model.params[name], p.detach().numpy(), rtol=1e-10, atol=1e-13, err_msg=name
+        )
+
+
 def test_adamw_matches_torch():
     """Five AdamW steps on real gradients match torch.optim.AdamW (decay on matrices)."""
     torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional reference)")
@@ -75,18 +91,7 @@ def test_adamw_matches_torch():
         {"params": [p for p in tparams.values() if p.ndim < 2], "weight_decay": 0.0},
     ]
     topt = torch.optim.AdamW(groups, lr=lr)
-    for step in range(5):
-        model.loss(*train_batch(step))
-        model.backward()
-        for name, p in tparams.items():
-            p.grad = torch.tensor(model.grads[name])
-        opt.step()
-        topt.step()
-        opt.zero_grad()
-    for name, p in tparams.items():
-        np.testing.assert_allclose(
-            model.params[name], p.detach().numpy(), rtol=1e-10, atol=1e-13, err_msg=name
-        )
+    step_both_and_compare(torch, model, opt, tparams, topt, steps=5)
 
 
 def test_sgd_without_momentum():
@@ -136,15 +141,7 @@ def test_sgd_momentum_matches_torch():
     opt = ml.SGD(model, lr=0.05, momentum=0.9)
     tparams = {n: torch.tensor(v, requires_grad=True) for n, v in model.state_dict().items()}
     topt = torch.optim.SGD(list(tparams.values()), lr=0.05, momentum=0.9)
-    for step in range(4):
-        model.loss(*train_batch(step))
-        model.backward()
-        for name, p in tparams.items():
-            p.grad = torch.tensor(model.grads[name])
-        opt.step()
-        topt.step()
-    for name, p in tparams.items():
-        np.testing.assert_allclose(model.params[name], p.detach().numpy(), rtol=1e-10, atol=1e-13)
+    step_both_and_compare(torch, model, opt, tparams, topt, steps=4)
 
 
 @pytest.mark.parametrize("make_opt", [ml.AdamW, ml.SGD], ids=["AdamW", "SGD"])
