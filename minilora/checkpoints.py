@@ -8,6 +8,9 @@ Adapters use PEFT's two file names::
 so an adapter is r (d_in + d_out) numbers per adapted matrix: kilobytes where the model
 is megabytes. Everything read is validated before the model is touched, and every
 file is written to a temporary name and renamed (see io.py). No pickle anywhere.
+
+The built-in base (``BUILTIN_BASE``, shipped in the package) is loaded here too, with
+its tokenizer: :func:`load_base`.
 """
 
 from __future__ import annotations
@@ -18,31 +21,26 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
-from minilora.io import load_json, load_safetensors, save_json, save_safetensors
-from minilora.lora import (
-    Adapter,
-    LoraConfig,
-    _check_name,
-    _check_unmerged,
-    _install,
-    _modules_for,
-    _take_pissa_part,
-    lora_names,
-    set_adapter,
+from minilora.adapters import (
+    adapter_modules,
+    check_adapter_name,
+    install_adapter,
+    require_unmerged,
+    take_pissa_part,
 )
+from minilora.backend import to_host
+from minilora.data import CharTokenizer
+from minilora.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.lora import LoraConfig, lora_names
 from minilora.model import GPT, GPTConfig
+from minilora.version import __version__
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
-
-
-def _version() -> str:
-    from minilora import __version__
-
-    return __version__
+BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
+PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
 # ------------------------------------------------------------------------ adapters
@@ -53,7 +51,7 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
     """
     if name not in model.adapters:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
-    adapter: Adapter = model.adapters[name]
+    adapter = model.adapters[name]
     directory = Path(directory)
     tensors = {}
     for module in adapter.modules:
@@ -66,7 +64,7 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
     save_json(
         config,
         {
-            "minilora_version": _version(),
+            "minilora_version": __version__,
             "adapter_name": name,
             "lora_config": adapter.config.to_dict(),
             "base_config": model.config.to_dict(),
@@ -103,17 +101,17 @@ def load_adapter(
             f"{directory}: adapter is for a model with {meta['base_config']}, "
             f"this model has {model.config.to_dict()}"
         )
-    _check_unmerged(model, "load an adapter")
+    require_unmerged(model, "load an adapter")
     fingerprint = model.base_fingerprint()
     if meta["base_fingerprint"] != fingerprint:
         raise ValueError(
             f"{directory}: adapter was trained on base weights with fingerprint "
             f"{meta['base_fingerprint']}, this model's base has {fingerprint}"
         )
-    name = _check_name(name if name is not None else meta.get("adapter_name", "default"))
+    name = check_adapter_name(name if name is not None else meta.get("adapter_name", "default"))
     if name in model.adapters:
         raise ValueError(f"adapter {name!r} exists already; pass another name=")
-    modules = _modules_for(model, config)
+    modules = adapter_modules(model, config)
     tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
     expected = {f"{m}.lora_{x}" for m in modules for x in "AB"}
     if set(tensors) != expected:
@@ -138,11 +136,8 @@ def load_adapter(
     # Everything checked: from here on the model changes.
     pissa_init = {}
     if config.init == "pissa":  # the same SVD of the same W gives the same residual
-        pissa_init = {module: _take_pissa_part(model, module, config) for module in modules}
-    active = list(model.active_adapters)
-    _install(model, name, config, factors, fingerprint, pissa_init)
-    if not activate:
-        set_adapter(model, active)
+        pissa_init = {module: take_pissa_part(model, module, config) for module in modules}
+    install_adapter(model, name, config, factors, fingerprint, pissa_init, activate=activate)
     return name
 
 
@@ -161,7 +156,7 @@ def save_model(
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}
     save_safetensors(weights, tensors, metadata={"format": "minilora-model"})
     meta = {
-        "minilora_version": _version(),
+        "minilora_version": __version__,
         "gpt_config": model.config.to_dict(),
         "dtype": model.dtype.name,
         "merged_adapters": list(model.merged_adapters),
@@ -186,3 +181,23 @@ def load_model(
     model = GPT(config, dtype=dtype or meta.get("dtype", "float32"), device=device)
     model.load_state_dict(tensors)
     return model, meta
+
+
+def load_base(
+    folder: str | os.PathLike | None = None, device: str | None = None
+) -> tuple[GPT, CharTokenizer]:
+    """A base model and its tokenizer: ``folder``, or the built-in pretrained base."""
+    path = Path(folder) if folder is not None else BUILTIN_BASE
+    if folder is None and not (path / MODEL_WEIGHTS).exists():
+        raise ValueError(
+            f"the built-in base is missing from {path}; rebuild it with `{PRETRAIN_COMMAND}` "
+            "and pass --base runs/base/model"
+        )
+    model, meta = load_model(path, device=device)
+    tokenizer = meta.get("extra", {}).get("tokenizer")
+    tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer.default()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} symbols, model {model.config.vocab_size}"
+        )
+    return model, tokenizer

@@ -9,36 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from minilora import checkpoints, params
+from minilora.adapters import add_adapter, merge, set_adapter
+from minilora.checkpoints import load_base
 from minilora.data import CharTokenizer, TextFileTask, get_task
-from minilora.lora import LoraConfig, add_adapter
+from minilora.demo import run_demo
+from minilora.gradcheck import format_report
+from minilora.gradcheck_report import full_report
+from minilora.lora import LoraConfig
 from minilora.model import GPT, GPTConfig
 from minilora.planted import PlantedRankTask
 from minilora.train import TrainConfig, Trainer
 
-BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
-PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
-
 
 def _targets(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def load_base(folder: str | None, device: str | None) -> tuple[GPT, CharTokenizer]:
-    """The base model and its tokenizer: ``folder``, or the built-in pretrained base."""
-    path = Path(folder) if folder is not None else BUILTIN_BASE
-    if folder is None and not (path / checkpoints.MODEL_WEIGHTS).exists():
-        raise ValueError(
-            f"the built-in base is missing from {path}; rebuild it with `{PRETRAIN_COMMAND}` "
-            "and pass --base runs/base/model"
-        )
-    model, meta = checkpoints.load_model(path, device=device)
-    tokenizer = meta.get("extra", {}).get("tokenizer")
-    tokenizer = CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer.default()
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} symbols, model {model.config.vocab_size}"
-        )
-    return model, tokenizer
 
 
 def _train_config(args: Namespace, block_size: int) -> TrainConfig:
@@ -144,8 +128,6 @@ def finetune(args: Namespace) -> int:
 
 # ------------------------------------------------------------------------- generate
 def generate(args: Namespace) -> int:
-    from minilora.lora import merge, set_adapter
-
     model, tokenizer = load_base(args.base, args.device)
     names = [checkpoints.load_adapter(model, a, name=f"a{i}") for i, a in enumerate(args.adapter)]
     if names:
@@ -178,9 +160,7 @@ def params_command(args: Namespace) -> int:
 
 # ------------------------------------------------------------------------ gradcheck
 def gradcheck_command(args: Namespace) -> int:
-    from minilora.gradcheck import format_report, full_report
-
-    results = full_report(seed=args.seed)
+    results = full_report(seed=args.seed, device=args.device)
     print(format_report(results))
     failed = [r.name for r in results if not r.passed()]
     print(
@@ -191,8 +171,6 @@ def gradcheck_command(args: Namespace) -> int:
 
 
 def demo(args: Namespace) -> int:
-    from minilora.demo import run_demo
-
     return run_demo(args)
 
 

@@ -35,8 +35,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-IGNORE_INDEX = -1
-"""Target value meaning "take no loss here" (the cross-entropy skips these positions)."""
+from minilora.checks import integer, positive_int
+from minilora.layers import IGNORE_INDEX
 
 DEFAULT_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 """Newline plus the 95 printable ASCII characters " " .. "~": 96 symbols, the reference vocab."""
@@ -65,11 +65,6 @@ def _as_rng(rng_or_seed: SeedLike) -> np.random.Generator:
     raise ValueError(
         f"rng_or_seed={rng_or_seed!r} is not usable; allowed: an int seed or np.random.Generator"
     )
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be a positive integer")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -195,8 +190,8 @@ def lm_windows(tokens: np.ndarray, rng: SeedLike, batch_size: int, block_size: i
     A window ``w`` gives ``idx = w[:-1]`` and ``targets = w[1:]``: every position is
     trained to predict the next token, so no target is ignored.
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("block_size", block_size)
+    positive_int("batch_size", batch_size)
+    positive_int("block_size", block_size)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens has shape {tokens.shape}; allowed: a 1-D token stream")
@@ -222,7 +217,7 @@ def encode_examples(
     characters: ``idx`` holds the first ``block_size``, and the last character (the
     terminator at most) only ever appears as a target.
     """
-    _check_positive("block_size", block_size)
+    positive_int("block_size", block_size)
     if len(examples) == 0:
         raise ValueError("examples is empty; allowed: at least one Example")
     pad_id = tokenizer.encode(PAD)[0]
@@ -316,9 +311,8 @@ class RuleTask:
     def __init__(
         self, tokenizer: CharTokenizer | None = None, min_len: int = 3, max_len: int = 8
     ) -> None:
-        _check_positive("min_len", min_len)
-        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)):
-            raise ValueError(f"max_len={max_len!r} is not allowed; it must be an integer")
+        positive_int("min_len", min_len)
+        integer("max_len", max_len)
         if max_len < min_len:
             raise ValueError(
                 f"max_len={max_len} is below min_len={min_len}; need max_len >= min_len"
@@ -353,7 +347,7 @@ class RuleTask:
         ``split="train"`` draws from the training words instead, which is what
         ``batch()`` uses.
         """
-        _check_positive("n", n)
+        positive_int("n", n)
         _check_split(split)
         if op is not None and op not in self.ops:
             raise ValueError(f"op={op!r} is not known; allowed: {', '.join(self.ops)}")
@@ -402,7 +396,7 @@ class PretrainTask(RuleTask):
         corpus_chars: int = 200_000,
     ) -> None:
         super().__init__(tokenizer, min_len, max_len)
-        _check_positive("corpus_chars", corpus_chars)
+        positive_int("corpus_chars", corpus_chars)
         self.corpus_seed = corpus_seed
         self.corpus_chars = int(corpus_chars)
         self._text: str | None = None
@@ -506,7 +500,7 @@ class TextFileTask:
         """Random windows from one split with shifted targets."""
         _check_split(split)
         tokens = self.train_tokens if split == "train" else self.val_tokens
-        _check_positive("block_size", block_size)
+        positive_int("block_size", block_size)
         if len(tokens) < block_size + 1:
             raise ValueError(
                 f"the {split} split of '{self.path}' is {len(tokens)} characters; "

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from minilora import checkpoints, params
+from minilora.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
 from minilora.backend import to_host
-from minilora.commands import BUILTIN_BASE, load_base
+from minilora.checkpoints import BUILTIN_BASE, load_base
 from minilora.data import get_task
-from minilora.lora import LoraConfig, add_adapter, disable_adapters, merge, set_adapter, unmerge
+from minilora.lora import LoraConfig
 from minilora.train import TrainConfig, Trainer, evaluate
 
 BATCH_SIZE = 64

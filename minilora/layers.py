@@ -29,36 +29,45 @@ from minilora.backend import scatter_add, xp_of
 Array = Any  # a NumPy or CuPy ndarray
 
 IGNORE_INDEX = -1
+"""Target value meaning "take no loss here" (the cross-entropy skips these positions)."""
 
 
 # --------------------------------------------------------------------------- linear
+def as_rows(x: Array) -> Array:
+    """(N..., d) -> (rows, d): every linear op works on rows (a view, no copy).
+
+    One 2-D product is one BLAS call; NumPy runs a 3-D ``x @ W.T`` as a loop of
+    smaller ones, 2.5 to 5 times slower on a 2-core CPU.
+    """
+    return x.reshape(-1, x.shape[-1])
+
+
 def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, tuple]:
-    """y = x W^T + b  (PyTorch's nn.Linear convention).
+    """y = x W^T + b  (PyTorch's nn.Linear convention), on rows.
 
     x (N..., d_in), W (d_out, d_in), b (d_out,) or None -> y (N..., d_out).
-    Cache: x and W (b is not needed by the backward).
+    Cache: x as rows (rows, d_in), W, and the leading shape N... to restore.
     """
-    y = x @ W.T
+    x2 = as_rows(x)  # (rows, d_in)
+    y = x2 @ W.T  # (rows, d_out)
     if b is not None:
-        y = y + b
-    return y, (x, W, b is not None)
+        y += b  # in place: y is a fresh array
+    return y.reshape(*x.shape[:-1], W.shape[0]), (x2, W, b is not None, x.shape[:-1])
 
 
 def linear_backward(
     dy: Array, cache: tuple, need_dW: bool = True, need_db: bool = True
 ) -> tuple[Array, Array | None, Array | None]:
-    """dx = dy W,  dW = dy^T x (rows flattened),  db = sum of dy over rows.
+    """dx = dy W,  dW = dy^T x,  db = sum of dy over rows.
 
     dy (N..., d_out) -> dx (N..., d_in), dW (d_out, d_in) or None, db (d_out,) or None.
     A frozen W (need_dW=False) costs one matmul instead of two.
     """
-    x, W, has_bias = cache
-    dx = dy @ W
-    dW = db = None
-    if need_dW:
-        dW = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-    if need_db and has_bias:
-        db = dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+    x2, W, has_bias, lead = cache
+    dy2 = as_rows(dy)  # (rows, d_out)
+    dx = (dy2 @ W).reshape(*lead, W.shape[1])  # (N..., d_in)
+    dW = dy2.T @ x2 if need_dW else None  # (d_out, d_in)
+    db = dy2.sum(axis=0) if need_db and has_bias else None  # (d_out,)
     return dx, dW, db
 
 

@@ -7,12 +7,21 @@
     logits = ln_f(x) wte^T                                  (B, T, V), head tied to wte
 
 ``GPT.forward`` calls the pairs in this order; ``GPT.backward`` calls their backwards in
-the reverse order, one per line, so the two read as mirror images. Every linear goes
-through ``_linear``, which adds the branches of active LoRA adapters (lora.py).
+the reverse order, one per line, so the two read as mirror images. Every linear runs
+``lora.lora_linear_forward`` with the branches of the adapters active on it (none
+before any adapter is added): the layer that is taught and gradient-checked.
 
 All parameters live in one flat dict, ``model.params``, under GPT-2's dotted names
 (DESIGN.md). ``model.grads`` has the same keys, for trainable parameters only: a
 frozen parameter never gets a gradient buffer.
+
+Adapter state has one owner: the model. Which adapters exist, which are active and
+which are merged into W is read on every forward, so it lives next to the parameters
+it describes, behind read-only properties (``adapters``, ``active_adapters``,
+``merged_adapters``) and four methods that keep it consistent with ``params`` and the
+frozen set (``attach_adapter``, ``detach_adapter``, ``activate_adapters``,
+``mark_merged``). ``adapters.py`` decides *what* to do (draw A, merge, combine) and
+calls only these; nothing else writes the state.
 """
 
 from __future__ import annotations
@@ -20,13 +29,15 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from minilora.backend import get_backend, host_rng, resolve_dtype, to_host
+from minilora.checks import non_negative_int, positive_int, positive_real, probability
 from minilora.layers import (
     IGNORE_INDEX,
     attention_backward,
@@ -47,7 +58,7 @@ from minilora.layers import (
     residual_backward,
     residual_forward,
 )
-from minilora.lora import lora_backward, lora_forward, lora_names
+from minilora.lora import Adapter, LoraBranch, lora_linear_backward, lora_linear_forward, lora_names
 
 Array = Any
 
@@ -65,30 +76,30 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPTConfig {name}={value!r} must be a positive integer")
+            object.__setattr__(self, name, positive_int(f"GPTConfig {name}", getattr(self, name)))
+        object.__setattr__(self, "dropout", probability("GPTConfig dropout", self.dropout))
         if self.d_model % self.n_head:
             raise ValueError(
                 f"GPTConfig d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 f"allowed n_head: divisors of {self.d_model}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig dropout={self.dropout!r} must satisfy 0 <= dropout < 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = set(cls.__dataclass_fields__)
-        if not isinstance(d, dict) or set(d) - known:
-            raise ValueError(f"not a GPT config: {d!r}; allowed keys: {sorted(known)}")
+    def from_dict(cls, d: Any) -> GPTConfig:
+        known = sorted(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or set(d) - set(known):
+            raise ValueError(f"not a GPT config: {d!r}; allowed keys: {known}")
         return cls(**d)
 
 
 def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every base parameter's name and shape, in a fixed order (the init order)."""
+    """Every base parameter's name and shape, in a fixed order (the init order).
+
+    The one table of shapes: the model allocates from it and params.py counts from it.
+    """
     C, V = cfg.d_model, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C)}
     for i in range(cfg.n_layer):
@@ -127,18 +138,30 @@ def init_parameters(cfg: GPTConfig, seed: int, dtype: Any) -> dict[str, np.ndarr
 
 
 class BlockCache(NamedTuple):
+    """What one block's backward needs: one cache per op, named as in the forward."""
+
     ln_1: Any
     q: Any
     k: Any
     v: Any
     attn: Any
     o: Any
-    drop_attn: Any
+    attn_drop: Any
     ln_2: Any
     fc: Any
     gelu: Any
     proj: Any
-    drop_mlp: Any
+    mlp_drop: Any
+
+
+class ModelCache(NamedTuple):
+    tok_emb: Any
+    pos_emb: Any
+    emb_drop: Any
+    blocks: list[BlockCache]
+    ln_f: Any
+    head: Any
+    loss: Any
 
 
 class GPT:
@@ -154,33 +177,30 @@ class GPT:
     ) -> None:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed={seed!r} must be a non-negative integer")
         self.config = config
+        self.seed = non_negative_int("seed", seed)
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(device)
         self.device = self.backend.device
         self.xp = self.backend.xp
-        self.seed = int(seed)
         self.params: dict[str, Array] = {
             name: self.backend.asarray(value)
             for name, value in init_parameters(config, seed, self.dtype).items()
         }
         self.grads: dict[str, Array] = {}
         self.frozen: set[str] = set()
-        # LoRA state, managed by the functions in lora.py
-        self.adapters: dict[str, Any] = {}  # name -> lora.Adapter
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
+        self._adapters: dict[str, Adapter] = {}  # the adapter state: see the module docstring
+        self._active: list[str] = []
+        self._merged: list[str] = []
         self.rng = self.backend.rng(seed)  # dropout masks
-        self._cache: tuple | None = None
+        self._cache: ModelCache | None = None
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, d_model={c.d_model}, "
             f"vocab_size={c.vocab_size}, block_size={c.block_size}, dtype={self.dtype.name}, "
-            f"device={self.device!r}, adapters={list(self.adapters)})"
+            f"device={self.device!r}, adapters={list(self._adapters)})"
         )
 
     # ------------------------------------------------------------- trainability
@@ -214,6 +234,77 @@ class GPT:
         """Restart the dropout generator (a fixed seed gives fixed dropout masks)."""
         self.rng = self.backend.rng(seed)
 
+    # ------------------------------------------------ adapter state (one owner)
+    @property
+    def adapters(self) -> Mapping[str, Adapter]:
+        """name -> :class:`lora.Adapter`, read-only (adapters.py changes it via the methods)."""
+        return MappingProxyType(self._adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters whose branches run (stacked, in this order); a copy."""
+        return list(self._active)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The active adapters whose update is inside W now; a copy."""
+        return list(self._merged)
+
+    def attach_adapter(self, adapter: Adapter, factors: Mapping[str, tuple[Any, Any]]) -> None:
+        """Register ``adapter`` and put its host factors {module: (A, B)} into ``params``.
+
+        The new A and B start frozen; :meth:`activate_adapters` makes them trainable.
+        """
+        if adapter.name in self._adapters:
+            raise ValueError(f"adapter {adapter.name!r} exists already")
+        if set(factors) != set(adapter.modules):
+            raise ValueError(f"factors {sorted(factors)} do not match modules {adapter.modules}")
+        for module, (A, B) in factors.items():
+            for pname, value in zip(lora_names(module, adapter.name), (A, B), strict=True):
+                self.params[pname] = self.backend.asarray(value, dtype=self.dtype)
+                self.frozen.add(pname)
+        self._adapters[adapter.name] = adapter
+
+    def detach_adapter(self, name: str) -> Adapter:
+        """Remove an adapter's A and B (and gradients); returns its record."""
+        adapter = self._adapters.pop(name)
+        for module in adapter.modules:
+            for pname in lora_names(module, name):
+                del self.params[pname]
+                self.frozen.discard(pname)
+                self.grads.pop(pname, None)
+        if name in self._active:
+            self._active.remove(name)
+        return adapter
+
+    def activate_adapters(self, names: list[str]) -> None:
+        """Run exactly ``names`` (stacked); their A and B train, every other adapter's freeze."""
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; adapters: {list(self._adapters)}")
+        self._active = list(names)
+        for adapter in self._adapters.values():
+            for module in adapter.modules:
+                pnames = lora_names(module, adapter.name)
+                if adapter.name in names:
+                    self.frozen.difference_update(pnames)
+                else:
+                    self.frozen.update(pnames)
+
+    def mark_merged(self, names: list[str]) -> None:
+        """Record which active adapters are inside W (merge / unmerge change W itself)."""
+        if any(n not in self._active for n in names):
+            raise ValueError(f"only active adapters {self._active} can be merged, not {names}")
+        self._merged = list(names)
+
+    def _live_adapters(self, module: str) -> list[str]:
+        """Active adapters on ``module`` whose update is not already merged into W."""
+        return [
+            name
+            for name in self._active
+            if name not in self._merged and module in self._adapters[name].modules
+        ]
+
     # ------------------------------------------------------------------ checks
     def _as_ids(
         self, ids: Any, what: str, allow_ignore: bool = False, any_length: bool = False
@@ -243,26 +334,17 @@ class GPT:
 
     # ----------------------------------------------------------------- forward
     def _linear(self, module: str, x: Array, train: bool) -> tuple[Array, tuple]:
-        """y = x W^T + b + sum over active adapters of s (D(x) A^T) B^T."""
+        """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer)."""
         p = self.params
-        y, base_cache = linear_forward(x, p[f"{module}.weight"], p[f"{module}.bias"])
+        live = self._live_adapters(module)
         branches = []
-        for name in self._live_adapters(module):
-            A_name, B_name = lora_names(module, name)
-            config = self.adapters[name].config
+        for name in live:
+            config = self._adapters[name].config
             mask = dropout_mask(x.shape, config.dropout, self.rng, self.dtype) if train else None
-            delta, lora_cache = lora_forward(x, p[A_name], p[B_name], config.scale, mask)
-            y = y + delta
-            branches.append((A_name, B_name, lora_cache))
-        return y, (module, base_cache, branches)
-
-    def _live_adapters(self, module: str) -> list[str]:
-        """Active adapters on ``module`` whose update is not already merged into W."""
-        return [
-            name
-            for name in self.active_adapters
-            if name not in self.merged_adapters and module in self.adapters[name].modules
-        ]
+            A_name, B_name = lora_names(module, name)
+            branches.append(LoraBranch(p[A_name], p[B_name], config.scale, mask))
+        h, cache = lora_linear_forward(x, p[f"{module}.weight"], p[f"{module}.bias"], branches)
+        return h, (module, live, cache)
 
     def _dropout(self, x: Array, train: bool) -> tuple[Array, Array | None]:
         p = self.config.dropout
@@ -270,51 +352,41 @@ class GPT:
         return dropout_forward(x, mask)
 
     def _block_forward(self, i: int, x: Array, train: bool) -> tuple[Array, BlockCache]:
-        p, h = self.params, f"h.{i}"
-        a, c_ln_1 = layer_norm_forward(x, p[f"{h}.ln_1.weight"], p[f"{h}.ln_1.bias"])
-        q, c_q = self._linear(f"{h}.attn.q", a, train)
-        k, c_k = self._linear(f"{h}.attn.k", a, train)
-        v, c_v = self._linear(f"{h}.attn.v", a, train)
-        a, c_attn = attention_forward(q, k, v, self.config.n_head)
-        a, c_o = self._linear(f"{h}.attn.o", a, train)
-        a, c_drop_attn = self._dropout(a, train)
-        x, _ = residual_forward(x, a)
-        m, c_ln_2 = layer_norm_forward(x, p[f"{h}.ln_2.weight"], p[f"{h}.ln_2.bias"])
-        m, c_fc = self._linear(f"{h}.mlp.fc", m, train)
-        m, c_gelu = gelu_forward(m)
-        m, c_proj = self._linear(f"{h}.mlp.proj", m, train)
-        m, c_drop_mlp = self._dropout(m, train)
-        x, _ = residual_forward(x, m)
+        """x_out = x_mid + mlp(ln_2(x_mid)),  x_mid = x + attn(ln_1(x)).   All (B, T, C)
+        unless noted; ``_block_backward`` walks these lines bottom to top."""
+        p, h, H = self.params, f"h.{i}", self.config.n_head
+        ln1, c_ln1 = layer_norm_forward(x, p[f"{h}.ln_1.weight"], p[f"{h}.ln_1.bias"])
+        q, c_q = self._linear(f"{h}.attn.q", ln1, train)
+        k, c_k = self._linear(f"{h}.attn.k", ln1, train)
+        v, c_v = self._linear(f"{h}.attn.v", ln1, train)
+        atty, c_attn = attention_forward(q, k, v, H)  # heads concatenated back to C
+        attproj, c_o = self._linear(f"{h}.attn.o", atty, train)
+        attdrop, c_attdrop = self._dropout(attproj, train)
+        x_mid, _ = residual_forward(x, attdrop)
+        ln2, c_ln2 = layer_norm_forward(x_mid, p[f"{h}.ln_2.weight"], p[f"{h}.ln_2.bias"])
+        fch, c_fc = self._linear(f"{h}.mlp.fc", ln2, train)  # (B, T, 4C)
+        fch_gelu, c_gelu = gelu_forward(fch)  # (B, T, 4C)
+        fcproj, c_proj = self._linear(f"{h}.mlp.proj", fch_gelu, train)
+        mlpdrop, c_mlpdrop = self._dropout(fcproj, train)
+        x_out, _ = residual_forward(x_mid, mlpdrop)
         cache = BlockCache(
-            c_ln_1,
-            c_q,
-            c_k,
-            c_v,
-            c_attn,
-            c_o,
-            c_drop_attn,
-            c_ln_2,
-            c_fc,
-            c_gelu,
-            c_proj,
-            c_drop_mlp,
+            c_ln1, c_q, c_k, c_v, c_attn, c_o, c_attdrop, c_ln2, c_fc, c_gelu, c_proj, c_mlpdrop
         )
-        return x, cache
+        return x_out, cache
 
     def _forward(self, idx: Array, train: bool) -> tuple[Array, tuple]:
         p = self.params
         T = idx.shape[1]
-        tok, c_tok = embedding_forward(idx, p["wte.weight"])  # (B, T, C)
-        pos, c_pos = embedding_forward(self.xp.arange(T), p["wpe.weight"])  # (T, C)
-        x = tok + pos  # broadcast over the batch
-        x, c_drop = self._dropout(x, train)
+        tok_emb, c_tok = embedding_forward(idx, p["wte.weight"])  # (B, T, C)
+        pos_emb, c_pos = embedding_forward(self.xp.arange(T), p["wpe.weight"])  # (T, C)
+        x, c_embdrop = self._dropout(tok_emb + pos_emb, train)  # pos broadcast over B
         c_blocks = []
         for i in range(self.config.n_layer):
             x, c_block = self._block_forward(i, x, train)
             c_blocks.append(c_block)
-        x, c_ln_f = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        logits, c_head = linear_forward(x, p["wte.weight"])  # tied head: x wte^T
-        return logits, (c_tok, c_pos, c_drop, c_blocks, c_ln_f, c_head)
+        lnf, c_lnf = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
+        logits, c_head = linear_forward(lnf, p["wte.weight"])  # tied head: lnf wte^T (B, T, V)
+        return logits, (c_tok, c_pos, c_embdrop, c_blocks, c_lnf, c_head)
 
     def forward(self, idx: Any, train: bool = False) -> Array:
         """Logits (B, T, V) for token ids ``idx`` (B, T). ``train`` turns dropout on."""
@@ -324,96 +396,94 @@ class GPT:
     def loss(self, idx: Any, targets: Any, train: bool = True) -> float:
         """Mean cross-entropy of next-token prediction; keeps the caches for ``backward``.
 
-        ``targets`` (B, T): the token that should follow each position, or -1 for
-        positions that do not count.
+        ``targets`` (B, T): the token that should follow each position, or
+        ``IGNORE_INDEX`` (-1) for positions that do not count.
         """
-        if train and self.merged_adapters:
+        if train and self._merged:
             raise ValueError(
-                f"adapters {self.merged_adapters} are merged into W; training them now would "
+                f"adapters {self._merged} are merged into W; training them now would "
                 "train W instead. Call unmerge(model) before training"
             )
         idx = self._as_ids(idx, "idx")
         targets = self._as_ids(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
-        logits, cache = self._forward(idx, train)
+        logits, caches = self._forward(idx, train)
         loss, c_loss = cross_entropy_forward(logits, targets)
-        self._cache = (cache, c_loss)
+        self._cache = ModelCache(*caches, c_loss)
         return loss
 
     # ---------------------------------------------------------------- backward
-    def _grad(self, name: str, g: Array | None) -> None:
-        """Record a gradient, summing when a parameter is used twice (the tied wte)."""
-        if g is None:
-            return
-        self.grads[name] = self.grads[name] + g if name in self.grads else g
+    def _set_grad(self, name: str, g: Array | None) -> None:
+        if g is not None:
+            self.grads[name] = g
 
-    def _linear_backward(self, dy: Array, cache: tuple) -> Array:
-        module, base_cache, branches = cache
-        dx, dW, db = linear_backward(
-            dy,
-            base_cache,
+    def _linear_backward(self, dh: Array, cache: tuple) -> Array:
+        """dx through the LoRA layer; dW, db only if trainable, dA, dB of live adapters."""
+        module, live, layer_cache = cache
+        lora = [lora_names(module, name) for name in live]
+        dx, dW, db, dAB = lora_linear_backward(
+            dh,
+            layer_cache,
             need_dW=self.is_trainable(f"{module}.weight"),  # frozen: pass dx through only
             need_db=self.is_trainable(f"{module}.bias"),
+            need_dAB=[(self.is_trainable(A), self.is_trainable(B)) for A, B in lora],
         )
-        self._grad(f"{module}.weight", dW)
-        self._grad(f"{module}.bias", db)
-        for A_name, B_name, lora_cache in branches:
-            dx_lora, dA, dB = lora_backward(
-                dy, lora_cache, self.is_trainable(A_name), self.is_trainable(B_name)
-            )
-            dx = dx + dx_lora
-            self._grad(A_name, dA)
-            self._grad(B_name, dB)
+        self._set_grad(f"{module}.weight", dW)
+        self._set_grad(f"{module}.bias", db)
+        for (A_name, B_name), (dA, dB) in zip(lora, dAB, strict=True):
+            self._set_grad(A_name, dA)
+            self._set_grad(B_name, dB)
         return dx
 
     def _layer_norm_backward(self, dy: Array, cache: Any, ln: str) -> Array:
-        need = self.is_trainable(f"{ln}.weight") or self.is_trainable(f"{ln}.bias")
+        weight, bias = f"{ln}.weight", f"{ln}.bias"
+        need = self.is_trainable(weight) or self.is_trainable(bias)
         dx, dweight, dbias = layer_norm_backward(dy, cache, need_dparams=need)
-        if self.is_trainable(f"{ln}.weight"):
-            self._grad(f"{ln}.weight", dweight)
-        if self.is_trainable(f"{ln}.bias"):
-            self._grad(f"{ln}.bias", dbias)
+        self._set_grad(weight, dweight if self.is_trainable(weight) else None)
+        self._set_grad(bias, dbias if self.is_trainable(bias) else None)
         return dx
 
-    def _block_backward(self, i: int, dx: Array, c: BlockCache) -> Array:
+    def _block_backward(self, i: int, dx_out: Array, c: BlockCache) -> Array:
+        """The forward's lines in reverse; d<name> is dL/d<name> of the forward's <name>."""
         h = f"h.{i}"
-        # x = x + dropout(proj(gelu(fc(ln_2(x)))))
-        dx, dm = residual_backward(dx)
-        dm = dropout_backward(dm, c.drop_mlp)
-        dm = self._linear_backward(dm, c.proj)
-        dm = gelu_backward(dm, c.gelu)
-        dm = self._linear_backward(dm, c.fc)
-        dx = dx + self._layer_norm_backward(dm, c.ln_2, f"{h}.ln_2")
-        # x = x + dropout(o(attention(q(a), k(a), v(a)))),  a = ln_1(x)
-        dx, da = residual_backward(dx)
-        da = dropout_backward(da, c.drop_attn)
-        da = self._linear_backward(da, c.o)
-        dq, dk, dv = attention_backward(da, c.attn)
-        da = self._linear_backward(dq, c.q) + self._linear_backward(dk, c.k)
-        da = da + self._linear_backward(dv, c.v)
-        dx = dx + self._layer_norm_backward(da, c.ln_1, f"{h}.ln_1")
-        return dx
+        dx_mid_skip, dmlpdrop = residual_backward(dx_out)
+        dfcproj = dropout_backward(dmlpdrop, c.mlp_drop)
+        dfch_gelu = self._linear_backward(dfcproj, c.proj)
+        dfch = gelu_backward(dfch_gelu, c.gelu)
+        dln2 = self._linear_backward(dfch, c.fc)
+        dx_mid_ln2 = self._layer_norm_backward(dln2, c.ln_2, f"{h}.ln_2")
+        dx_mid = dx_mid_skip + dx_mid_ln2  # x_mid feeds the skip path and ln_2
+        dx_skip, dattdrop = residual_backward(dx_mid)
+        dattproj = dropout_backward(dattdrop, c.attn_drop)
+        datty = self._linear_backward(dattproj, c.o)
+        dq, dk, dv = attention_backward(datty, c.attn)
+        dln1_q = self._linear_backward(dq, c.q)
+        dln1_k = self._linear_backward(dk, c.k)
+        dln1_v = self._linear_backward(dv, c.v)
+        dln1 = dln1_q + dln1_k + dln1_v  # ln1 feeds q, k and v
+        dx_ln1 = self._layer_norm_backward(dln1, c.ln_1, f"{h}.ln_1")
+        return dx_skip + dx_ln1  # x feeds the skip path and ln_1
 
     def backward(self) -> None:
         """Fill ``self.grads`` for the trainable parameters from the last ``loss`` call."""
         if self._cache is None:
             raise ValueError("backward() needs a preceding loss(idx, targets) call")
-        (c_tok, c_pos, c_drop, c_blocks, c_ln_f, c_head), c_loss = self._cache
+        c = self._cache
         self._cache = None  # free the activations as soon as they are used
         self.grads = {}
         wte_trainable = self.is_trainable("wte.weight")
-        dlogits = cross_entropy_backward(1.0, c_loss)
-        dx, dwte_head, _ = linear_backward(dlogits, c_head, need_dW=wte_trainable, need_db=False)
-        self._grad("wte.weight", dwte_head)  # the head's share of the tied embedding
-        dx = self._layer_norm_backward(dx, c_ln_f, "ln_f")
+        dlogits = cross_entropy_backward(1.0, c.loss)  # (B, T, V)
+        dlnf, dwte_head, _ = linear_backward(dlogits, c.head, need_dW=wte_trainable, need_db=False)
+        dx = self._layer_norm_backward(dlnf, c.ln_f, "ln_f")
         for i in reversed(range(self.config.n_layer)):
-            dx = self._block_backward(i, dx, c_blocks[i])
-        dx = dropout_backward(dx, c_drop)
-        if self.is_trainable("wpe.weight"):  # pos was broadcast over the batch: sum it back
-            self._grad("wpe.weight", embedding_backward(dx.sum(axis=0), c_pos))
-        if wte_trainable:  # the embedding's share of the tied embedding
-            self._grad("wte.weight", embedding_backward(dx, c_tok))
+            dx = self._block_backward(i, dx, c.blocks[i])
+        demb = dropout_backward(dx, c.emb_drop)  # (B, T, C): d(tok_emb) = d(tok_emb + pos_emb)
+        if self.is_trainable("wpe.weight"):  # pos_emb was broadcast over B: sum it back
+            self._set_grad("wpe.weight", embedding_backward(demb.sum(axis=0), c.pos_emb))
+        if wte_trainable:  # wte is used twice, by the head and by the lookup: the grads add
+            dwte_tok = embedding_backward(demb, c.tok_emb)
+            self._set_grad("wte.weight", dwte_head + dwte_tok)
 
     # -------------------------------------------------------------- generation
     def generate(
@@ -431,16 +501,10 @@ class GPT:
         softmax(logits / temperature), restricted to the ``top_k`` most likely tokens.
         The context is cropped to the last ``block_size`` tokens.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-        if not (
-            isinstance(temperature, numbers.Real) and 0 < temperature and math.isfinite(temperature)
-        ):
-            raise ValueError(f"temperature={temperature!r} must be a positive finite number")
+        max_new_tokens = non_negative_int("max_new_tokens", max_new_tokens)
+        temperature = positive_real("temperature", temperature)
         V = self.config.vocab_size
-        if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= V):
+        if top_k is not None and not 1 <= positive_int("top_k", top_k) <= V:
             raise ValueError(f"top_k={top_k!r} must be an integer in 1..{V} or None")
         out = to_host(self._as_ids(idx, "idx", any_length=True)).copy()
         rng = host_rng(seed)

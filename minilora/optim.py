@@ -7,21 +7,12 @@ A and B and nothing for W. That is the other half of LoRA's memory saving.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
 from minilora.backend import to_host
-
-
-def _check_hyper(name: str, value: Any, low: float, high: float | None = None) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name}={value!r} must be a number {bound}")
-    return float(value)
+from minilora.checks import in_range
 
 
 class Optimizer:
@@ -29,8 +20,8 @@ class Optimizer:
 
     def __init__(self, model: Any, lr: float, weight_decay: float) -> None:
         self.model = model
-        self.lr = _check_hyper("lr", lr, 0.0)
-        self.weight_decay = _check_hyper("weight_decay", weight_decay, 0.0)
+        self.lr = in_range("lr", lr, 0.0)
+        self.weight_decay = in_range("weight_decay", weight_decay, 0.0)
         self.t = 0  # steps taken
         self.state: dict[str, dict[str, Any]] = {}  # name -> {"m": ..., "v": ...}
 
@@ -80,7 +71,7 @@ class SGD(Optimizer):
         self, model: Any, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
         super().__init__(model, lr, weight_decay)
-        self.momentum = _check_hyper("momentum", momentum, 0.0, 1.0)
+        self.momentum = in_range("momentum", momentum, 0.0, 1.0)
 
     def step(self) -> None:
         self.t += 1
@@ -115,9 +106,9 @@ class AdamW(Optimizer):
         super().__init__(model, lr, weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2)")
-        self.b1 = _check_hyper("betas[0]", betas[0], 0.0, 1.0)
-        self.b2 = _check_hyper("betas[1]", betas[1], 0.0, 1.0)
-        self.eps = _check_hyper("eps", eps, 0.0)
+        self.b1 = in_range("betas[0]", betas[0], 0.0, 1.0)
+        self.b2 = in_range("betas[1]", betas[1], 0.0, 1.0)
+        self.eps = in_range("eps", eps, 0.0)
 
     def step(self) -> None:
         self.t += 1

@@ -17,10 +17,14 @@ B (d_out, r): r (d_in + d_out) parameters, which is tiny next to d_in * d_out.
 
 from __future__ import annotations
 
-import numbers
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from minilora.checks import distinct_indices, distinct_names, one_of, positive_int
+from minilora.lora import TARGET_MODULES, module_path
+from minilora.model import GPTConfig, parameter_shapes
 
 # The reference configurations of DESIGN.md, and the two models of the LoRA paper's story.
 PRESETS: dict[str, dict[str, int]] = {
@@ -39,8 +43,6 @@ PRESETS: dict[str, dict[str, int]] = {
 # reports them), this repository's models in float32 (what minilora trains in).
 _DEFAULT_BYTES_PER_PARAM = {"gpt2": 2, "gpt3-175b": 2}
 _CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "batch_size")
-
-TARGETS = ("q", "k", "v", "o", "fc", "proj")
 OPTIMIZERS = ("adamw", "sgd")
 _ADAM_STATE_BYTES = 2 * 4  # first and second moments, each kept in float32
 
@@ -55,26 +57,8 @@ def preset(name: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value: Any) -> int:
-    # bool is an int in Python, but r=True is a bug, not a rank.
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be an integer (got {type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; it must be >= 1")
-    return int(value)
-
-
 def _check_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Normalise targets to a tuple of known, distinct names ("q" alone is allowed)."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not targets:
-        raise ValueError(f"targets is empty; choose one or more of: {', '.join(TARGETS)}")
-    for t in targets:
-        if t not in TARGETS:
-            raise ValueError(f"target {t!r} is not known; allowed: {', '.join(TARGETS)}")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"targets {targets!r} contain duplicates")
-    return targets
+    return distinct_names("targets", targets, TARGET_MODULES)
 
 
 def _check_config(config: Mapping[str, Any]) -> dict[str, int]:
@@ -85,7 +69,7 @@ def _check_config(config: Mapping[str, Any]) -> dict[str, int]:
         raise ValueError(
             f"config is missing {', '.join(missing)}; needed: {', '.join(_CONFIG_KEYS)}"
         )
-    return {k: _positive_int(k, config[k]) for k in _CONFIG_KEYS}
+    return {k: positive_int(k, config[k]) for k in _CONFIG_KEYS}
 
 
 # --------------------------------------------------------------------------- analytic counts
@@ -96,33 +80,32 @@ def count_architecture(
 ) -> dict[str, int]:
     """Parameters per group (embeddings, attention, mlp, layernorm) and their total.
 
-    GPT-2 small (50257, 1024, 12, 12, 768) gives 124,439,808, the number usually quoted
-    for it with the LM head tied to wte.
+    Summed over the model's own shape table (model.parameter_shapes), so the count is
+    always that of the model minilora builds. GPT-2 small (50257, 1024, 12, 12, 768)
+    gives 124,439,808, the number usually quoted for it with the LM head tied to wte.
     """
-    V = _positive_int("vocab_size", vocab_size)
-    T = _positive_int("block_size", block_size)
-    L = _positive_int("n_layer", n_layer)
-    H = _positive_int("n_head", n_head)
-    d = _positive_int("d_model", d_model)
-    if d % H:
-        raise ValueError(f"d_model={d} must be divisible by n_head={H}")
-    counts = {
-        "embeddings": V * d + T * d,  # wte + wpe; the tied LM head reuses wte
-        "attention": L * 4 * (d * d + d),  # q, k, v, o, each weight + bias
-        "mlp": L * ((4 * d * d + 4 * d) + (d * 4 * d + d)),  # fc + proj
-        "layernorm": L * 2 * (2 * d) + 2 * d,  # ln_1, ln_2 per block, then ln_f
-    }
+    config = GPTConfig(vocab_size, block_size, n_layer, n_head, d_model)
+    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "layernorm": 0}
+    for name, shape in parameter_shapes(config).items():
+        counts[_group(name)] += math.prod(shape)
     counts["total"] = sum(counts.values())
     return counts
 
 
+def _group(name: str) -> str:
+    """wte, wpe -> embeddings; h.{i}.attn.* -> attention; h.{i}.mlp.* -> mlp; ln_* -> layernorm."""
+    if name.startswith(("wte.", "wpe.")):
+        return "embeddings"
+    if ".attn." in name:
+        return "attention"
+    return "mlp" if ".mlp." in name else "layernorm"
+
+
 def _target_shape(target: str, d_model: int) -> tuple[int, int]:
-    """(d_in, d_out) of a target Linear."""
-    if target == "fc":
-        return d_model, 4 * d_model
-    if target == "proj":
-        return 4 * d_model, d_model
-    return d_model, d_model
+    """(d_in, d_out) of a target Linear, read off the model's shape table."""
+    one_block = GPTConfig(vocab_size=1, block_size=1, n_layer=1, n_head=1, d_model=d_model)
+    d_out, d_in = parameter_shapes(one_block)[f"{module_path(0, target)}.weight"]
+    return d_in, d_out
 
 
 def lora_parameter_count(
@@ -137,20 +120,11 @@ def lora_parameter_count(
     ``layers`` restricts the adapters to some block indices (default: all). For GPT-3
     175B with r=4 on q and v: 96 * 2 * 4 * (12288 + 12288) = 18,874,368, as in the paper.
     """
-    n_layer = _positive_int("n_layer", n_layer)
-    d_model = _positive_int("d_model", d_model)
-    r = _positive_int("r", r)
+    n_layer = positive_int("n_layer", n_layer)
+    d_model = positive_int("d_model", d_model)
+    r = positive_int("r", r)
     targets = _check_targets(targets)
-    if layers is None:
-        n_adapted = n_layer
-    else:
-        layers = list(layers)
-        for i in layers:
-            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 0 <= i < n_layer:
-                raise ValueError(f"layer {i!r} is not allowed; layers are 0 .. {n_layer - 1}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers {layers!r} contain duplicates")
-        n_adapted = len(layers)
+    n_adapted = n_layer if layers is None else len(distinct_indices("layers", layers, n_layer))
     per_layer = sum(r * sum(_target_shape(t, d_model)) for t in targets)
     return n_adapted * per_layer
 
@@ -197,9 +171,8 @@ def memory_estimate(
     are left out: this shows the orders of magnitude, not an allocator's exact bill.
     """
     c = _check_config(config)
-    bytes_per_param = _positive_int("bytes_per_param", bytes_per_param)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r} is not known; allowed: {', '.join(OPTIMIZERS)}")
+    bytes_per_param = positive_int("bytes_per_param", bytes_per_param)
+    one_of("optimizer", optimizer, OPTIMIZERS)
     base = count_architecture(
         c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
     )["total"]
@@ -242,7 +215,7 @@ def accounting_table(
         name, config = "custom", _check_config(preset_name)
     if bytes_per_param is None:
         bytes_per_param = _DEFAULT_BYTES_PER_PARAM.get(name, 4)
-    r = _positive_int("r", r)
+    r = positive_int("r", r)
     targets = _check_targets(targets)
     arch = count_architecture(
         config["vocab_size"],

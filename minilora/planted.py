@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from minilora.backend import to_host
-from minilora.data import Batch, CharTokenizer, PretrainTask, SeedLike, lm_windows
+from minilora.checks import distinct_names, positive_int, positive_real
+from minilora.data import (
+    EVAL_SEED_OFFSET,
+    Batch,
+    CharTokenizer,
+    PretrainTask,
+    SeedLike,
+    lm_windows,
+)
 from minilora.lora import TARGET_MODULES, module_path
 from minilora.model import GPT
 
@@ -37,17 +45,11 @@ class PlantedRankTask:
         strength: float = 1.0,
         seed: int = 0,
     ) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-            raise ValueError(f"planted rank={rank!r} must be a positive integer")
+        rank = positive_int("planted rank", rank)
         if rank > base.config.d_model:
             raise ValueError(f"planted rank={rank} exceeds d_model={base.config.d_model}")
-        for t in targets:
-            if t not in TARGET_MODULES:
-                raise ValueError(
-                    f"planted target {t!r} unknown; allowed: {', '.join(TARGET_MODULES)}"
-                )
-        if not strength > 0:
-            raise ValueError(f"strength={strength!r} must be positive")
+        targets = distinct_names("planted targets", targets, TARGET_MODULES)
+        strength = positive_real("strength", strength)
         self.rank, self.targets, self.strength = int(rank), tuple(targets), float(strength)
         self.description = (
             f"imitate the base plus a planted rank-{rank} change on {','.join(targets)}"
@@ -80,7 +82,7 @@ class PlantedRankTask:
         )
 
     def eval_batch(self, n: int, block_size: int, seed: int = 0) -> Batch:
-        return self.batch(np.random.default_rng(seed + 10_000), n, block_size)
+        return self.batch(np.random.default_rng(seed + EVAL_SEED_OFFSET), n, block_size)
 
     def delta_for(self, module: str) -> Any:
         """The planted ΔW (d_out, d_in) of ``module`` (e.g. "h.0.attn.q")."""

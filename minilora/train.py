@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from minilora.backend import to_host
+from minilora.checks import non_negative_int, positive_int
 from minilora.data import Batch, answer_accuracy
 from minilora.io import load_json, load_safetensors, save_json, save_safetensors
-from minilora.layers import cross_entropy_forward
+from minilora.layers import IGNORE_INDEX, cross_entropy_forward
 from minilora.model import GPT
 from minilora.optim import AdamW
 
@@ -53,13 +54,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_size", "eval_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            positive_int(name, getattr(self, name))
         for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+            non_negative_int(name, getattr(self, name))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10):
             raise ValueError(f"lr={self.lr!r} must be a number in (0, 10)")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -107,7 +104,7 @@ def evaluate(model: GPT, batch: Batch, chunk: int = 128) -> dict[str, float]:
     for start in range(0, len(batch.idx), chunk):
         idx, targets = batch.idx[start : start + chunk], batch.targets[start : start + chunk]
         logits = model.forward(idx, train=False)
-        count = int((targets != -1).sum())
+        count = int((targets != IGNORE_INDEX).sum())
         loss, _ = cross_entropy_forward(logits, model.xp.asarray(targets))
         total_loss += loss * count
         total_count += count

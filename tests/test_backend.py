@@ -3,6 +3,7 @@ scatter-add, and (on a GPU machine) CPU/GPU parity of the tiny model."""
 
 import numpy as np
 import pytest
+from conftest import rel_error as rel
 
 import minilora as ml
 from minilora import backend
@@ -132,12 +133,6 @@ def test_host_rng_is_seeded_pcg64():
 
 
 # ------------------------------------------------------------------ GPU parity
-def rel(a, b):
-    a, b = backend.to_host(a).astype(np.float64), backend.to_host(b).astype(np.float64)
-    scale = max(np.linalg.norm(a), np.linalg.norm(b))
-    return 0.0 if scale < 1e-15 else float(np.linalg.norm(a - b) / scale)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=f"no GPU: {GPU_REASON}")
 def test_gpu_matches_cpu(tiny_config):

@@ -5,34 +5,15 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import random_model, randomise_adapters
+from conftest import token_batch as batch
 
 import minilora as ml
-from minilora.gradcheck import check_gradients, gradcheck, randomize_for_check
+from minilora.gradcheck import check_gradients, gradcheck
 from minilora.layers import dropout_mask
 from minilora.lora import lora_backward, lora_forward
 
 ALL = ml.TARGET_MODULES
-
-
-def random_model(cfg, seed=0, dtype="float64"):
-    """Random weights everywhere (not GPT-2's small init), so gradients are not tiny."""
-    model = ml.GPT(cfg, seed=seed, dtype=dtype)
-    randomize_for_check(model, seed)
-    return model
-
-
-def randomise_adapters(model, seed=1, std=0.3):
-    """Give B (and A) non-zero values, as after training: at init dA would be 0."""
-    rng = np.random.default_rng(seed)
-    for name in model.params:
-        if ".lora_" in name:
-            model.params[name][...] = rng.normal(0, std, model.params[name].shape)
-
-
-def batch(cfg, seed=0, B=3, T=8):
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, cfg.vocab_size, (B, T))
-    return idx, rng.integers(0, cfg.vocab_size, (B, T))
 
 
 # --------------------------------------------------------------------- the pair
@@ -51,14 +32,47 @@ def test_lora_linear_pair_gradcheck_with_dropout_mask():
     )
 
     def forward(x, W, b, A, B):
-        return ml.lora_linear_forward(x, W, b, A, B, scale=2.5, mask=mask)
+        return ml.lora_linear_forward(x, W, b, [ml.LoraBranch(A, B, 2.5, mask)])
 
     def backward(dh, cache):  # (dx, dW, db, dA, dB): W and b are frozen, so None
-        dx, dA, dB = ml.lora_linear_backward(dh, cache)
+        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache)
+        assert dW is None and db is None  # frozen by default: dW is never formed
         return dx, None, None, dA, dB
 
     results = gradcheck(forward, backward, inputs)
     assert [r.name for r in results] == ["x", "A", "B"]
+    assert all(r.passed() for r in results), ml.format_report(results)
+
+    def backward_all(dh, cache):  # the same layer with W and b trainable too
+        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache, need_dW=True, need_db=True)
+        return dx, dW, db, dA, dB
+
+    results = gradcheck(forward, backward_all, inputs)
+    assert [r.name for r in results] == ["x", "W", "b", "A", "B"]
+    assert all(r.passed() for r in results), ml.format_report(results)
+
+
+def test_stacked_lora_layer_is_the_sum_of_its_branches():
+    """Two branches: h = base + branch 1 + branch 2, and every gradient checks out."""
+    rng = np.random.default_rng(5)
+    x, W, b = rng.normal(size=(2, 3, 6)), rng.normal(size=(4, 6)), rng.normal(size=4)
+    mask = dropout_mask(x.shape, 0.3, np.random.default_rng(2), np.dtype("float64"))
+    inputs = dict(x=x, A1=rng.normal(size=(2, 6)), B1=rng.normal(size=(4, 2)))
+    inputs.update(A2=rng.normal(size=(3, 6)), B2=rng.normal(size=(4, 3)))
+
+    def forward(x, A1, B1, A2, B2):
+        branches = [ml.LoraBranch(A1, B1, 2.0, mask), ml.LoraBranch(A2, B2, 0.5)]
+        return ml.lora_linear_forward(x, W, b, branches)
+
+    def backward(dh, cache):
+        dx, _, _, [(dA1, dB1), (dA2, dB2)] = ml.lora_linear_backward(dh, cache)
+        return dx, dA1, dB1, dA2, dB2
+
+    h, _ = forward(**inputs)
+    expected = x @ W.T + b + 2.0 * ((x * mask) @ inputs["A1"].T) @ inputs["B1"].T
+    expected += 0.5 * (x @ inputs["A2"].T) @ inputs["B2"].T
+    np.testing.assert_allclose(h, expected, rtol=1e-12)
+    results = gradcheck(forward, backward, inputs)
     assert all(r.passed() for r in results), ml.format_report(results)
 
 
@@ -343,7 +357,10 @@ def test_combine_cat_is_exact_and_svd_reports_error(tiny_config):
 )
 def test_lora_config_errors(kwargs, match):
     """Each bad LoraConfig value gets a ValueError that names it."""
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(
+        (ValueError, TypeError),  # TypeError: wrong kind
+        match=match,
+    ):
         ml.LoraConfig(**kwargs)
 
 
@@ -366,6 +383,68 @@ def test_adapter_management_errors(tiny_config):
 
 
 # ----------------------------------------------------------------- adapter files
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combined_mixed_adapters_round_trip_through_files(tiny_config, tmp_path, method):
+    """q on every block combined with v on block 1 only: the result's config describes
+    its modules exactly (v on block 0 gets zero factors), so it saves, loads into a
+    fresh model and gives the same logits."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=4, target_modules=("q",)), "a")
+    ml.add_adapter(model, ml.LoraConfig(r=3, alpha=3, target_modules=("v",), layers=(1,)), "b")
+    randomise_adapters(model)
+    ml.combine_adapters(model, ["a", "b"], [1.0, -0.5], "ab", method=method)
+    combined = model.adapters["ab"]
+    assert combined.config.target_modules == ("q", "v") and combined.config.layers is None
+    assert set(combined.modules) == {f"h.{i}.attn.{t}" for i in (0, 1) for t in "qv"}
+    assert not model.params["h.0.attn.v.lora_B.ab"].any()  # no source adapts it: ΔW = 0
+    ml.set_adapter(model, "ab")
+    idx, _ = batch(tiny_config)
+    expected = model.forward(idx)
+    ml.save_adapter(model, tmp_path / "ab", name="ab")
+
+    fresh = random_model(tiny_config)
+    assert ml.load_adapter(fresh, tmp_path / "ab") == "ab"
+    np.testing.assert_array_equal(fresh.forward(idx), expected)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming", "pissa"])
+def test_rank_of_every_update_is_at_most_r(tiny_config, init):
+    """rank(ΔW) <= r for trained-like factors of every init, and for combinations:
+    cat has rank <= r_a + r_b, svd exactly the r it was asked for at most."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=3, target_modules=ml.TARGET_MODULES, init=init), "a")
+    if init != "pissa":  # PiSSA adapters cannot be combined: they rewrote W
+        ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "fc")), "b")
+        randomise_adapters(model)
+        ml.combine_adapters(model, ["a", "b"], [1.0, 1.0], "cat", method="cat")
+        ml.combine_adapters(model, ["a", "b"], [1.0, 1.0], "svd", method="svd", r=4)
+    else:
+        randomise_adapters(model)
+    for name, adapter in model.adapters.items():
+        for module in adapter.modules:
+            A = model.params[f"{module}.lora_A.{name}"]
+            B = model.params[f"{module}.lora_B.{name}"]
+            dW = ml.delta_weight(A, B, adapter.config.scale)
+            assert np.linalg.matrix_rank(dW) <= adapter.config.r, (name, module)
+    if init != "pissa":
+        assert model.adapters["cat"].config.r == 5 and model.adapters["svd"].config.r == 4
+
+
+def test_the_model_owns_the_adapter_state(tiny_config):
+    """The state is read-only from outside: adapters.py changes it through the model's
+    four methods, and the copies handed out cannot change it by accident."""
+    model = ml.GPT(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2), "a")
+    with pytest.raises(TypeError):
+        model.adapters["b"] = model.adapters["a"]
+    model.active_adapters.append("ghost")
+    assert model.active_adapters == ["a"]
+    with pytest.raises(ValueError, match="only active adapters"):
+        model.mark_merged(["ghost"])
+    with pytest.raises(ValueError, match="exists already"):
+        model.attach_adapter(model.adapters["a"], {})
+
+
 def test_save_load_round_trip_bit_for_bit(tiny_config, tmp_path):
     """Only A and B are written; loading them onto a fresh base reproduces the outputs."""
     model = ml.GPT(tiny_config, seed=1)

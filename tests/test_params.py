@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import minilora as ml
 from minilora.params import (
     PRESETS,
     accounting_table,
@@ -67,19 +68,20 @@ def test_gpt3_175b_total():
     assert abs(total - 174.6e9) < 0.05e9
 
 
-def test_architecture_matches_a_brute_force_count():
-    # Build every array's shape from the DESIGN.md names and add up the sizes.
-    V, T, L, d = 65, 16, 2, 32
-    shapes = {"wte.weight": (V, d), "wpe.weight": (T, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
-    for i in range(L):
-        for ln in ("ln_1", "ln_2"):
-            shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (d,)
-        for t in "qkvo":
-            shapes[f"h.{i}.attn.{t}.weight"], shapes[f"h.{i}.attn.{t}.bias"] = (d, d), (d,)
-        shapes[f"h.{i}.mlp.fc.weight"], shapes[f"h.{i}.mlp.fc.bias"] = (4 * d, d), (4 * d,)
-        shapes[f"h.{i}.mlp.proj.weight"], shapes[f"h.{i}.mlp.proj.bias"] = (d, 4 * d), (d,)
-    brute = sum(int(np.prod(s)) for s in shapes.values())
-    assert count_architecture(V, T, L, 2, d)["total"] == brute
+def test_architecture_matches_a_live_model():
+    """The analytic count equals the arrays a GPT allocates, group by group, and the
+    LoRA count equals the A and B that add_adapter creates (layers subset included)."""
+    cfg = ml.GPTConfig(vocab_size=65, block_size=16, n_layer=3, n_head=2, d_model=32)
+    model = ml.GPT(cfg)
+    counts = count_architecture(65, 16, 3, 2, 32)
+    live = count_parameters(model)
+    assert counts["total"] == live.total
+    attention = sum(n for key, (n, _) in live.per_module.items() if ".attn." in key)
+    mlp = sum(n for key, (n, _) in live.per_module.items() if ".mlp." in key)
+    assert (counts["attention"], counts["mlp"]) == (attention, mlp)
+    ml.add_adapter(model, ml.LoraConfig(r=3, target_modules=("q", "fc", "proj"), layers=(0, 2)))
+    expected = lora_parameter_count(3, 32, 3, ("q", "fc", "proj"), layers=[0, 2])
+    assert count_parameters(model).trainable == expected == 2 * 3 * (64 + 160 + 160)
 
 
 def test_architecture_rejects_bad_shapes():
@@ -130,7 +132,7 @@ def test_unknown_target_lists_allowed():
 
 
 def test_invalid_layers():
-    with pytest.raises(ValueError, match=r"layer 4.*0 \.\. 3"):
+    with pytest.raises(ValueError, match=r"layers contains 4; allowed: 0\.\.3"):
         lora_parameter_count(4, 32, 2, "q", layers=[4])
 
 
@@ -175,7 +177,7 @@ def test_activation_estimate_follows_korthikanti():
 
 
 def test_memory_estimate_bad_input():
-    with pytest.raises(ValueError, match="optimizer 'adam'.*allowed: adamw, sgd"):
+    with pytest.raises(ValueError, match="optimizer='adam'.*allowed: adamw, sgd"):
         memory_estimate(preset("tiny"), None, optimizer="adam")
     cfg = preset("tiny")
     del cfg["batch_size"]

@@ -129,7 +129,10 @@ def test_resume_refuses_other_trainable_set(tmp_path):
 )
 def test_train_config_errors(kwargs, match):
     """Bad training settings are ValueErrors that name the setting."""
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(
+        (ValueError, TypeError),  # TypeError: wrong kind
+        match=match,
+    ):
         TrainConfig(**kwargs)
 
 

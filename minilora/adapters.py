@@ -1,0 +1,297 @@
+"""Adapters on a model: add, switch, stack, delete, combine, merge and unmerge.
+
+``lora.py`` holds the math of one adapter; this module decides what happens to a
+GPT's adapters, and changes the model only through its public interface: the
+parameters (``model.params``, written in place) and the four adapter-state methods
+the model owns (``attach_adapter``, ``detach_adapter``, ``activate_adapters``,
+``mark_merged``; see model.py for why the model owns that state). Every function
+checks its arguments completely before it changes anything.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from minilora.backend import to_host
+from minilora.checks import positive_int, real
+from minilora.lora import (
+    TARGET_MODULES,
+    Adapter,
+    LoraConfig,
+    delta_weight,
+    lora_names,
+    module_order,
+    module_path,
+    pissa_factors,
+    random_factors,
+)
+from minilora.model import GPT
+
+Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B) on the host
+
+
+# ----------------------------------------------------------------------- checks
+def check_adapter_name(name: Any) -> str:
+    """Adapter names become parts of parameter names: letters, digits, _ and - only."""
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(
+            f"adapter name {name!r} must be a non-empty string of letters, digits, _ -"
+        )
+    return name
+
+
+def require_adapter(model: GPT, name: Any) -> str:
+    if name not in model.adapters:
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
+    return name
+
+
+def require_unmerged(model: GPT, action: str) -> None:
+    """Changing adapters while one is inside W would leave W with an orphaned update."""
+    if model.merged_adapters:
+        raise ValueError(
+            f"cannot {action} while adapters {model.merged_adapters} are merged; "
+            "call unmerge(model) first"
+        )
+
+
+def adapter_modules(model: GPT, config: LoraConfig) -> tuple[str, ...]:
+    """The module paths ``config`` adapts on ``model``: its targets on its layers."""
+    n_layer = model.config.n_layer
+    layers = range(n_layer) if config.layers is None else config.layers
+    for i in layers:
+        if i >= n_layer:
+            raise ValueError(f"layers contains {i}, but the model has blocks 0..{n_layer - 1}")
+    return tuple(module_path(i, t) for i in layers for t in config.target_modules)
+
+
+# --------------------------------------------------------------------- building
+def take_pissa_part(model: GPT, module: str, config: LoraConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``module``'s W (lora.pissa_factors): W keeps the residual; returns (A0, B0)."""
+    W = model.params[f"{module}.weight"]
+    A, B, W_residual = pissa_factors(to_host(W), config.r, config.scale)
+    W[...] = model.backend.asarray(W_residual, model.dtype)
+    return A, B
+
+
+def install_adapter(
+    model: GPT,
+    name: str,
+    config: LoraConfig,
+    factors: Factors,
+    fingerprint: str,
+    pissa_init: Factors | None = None,
+    activate: bool = True,
+) -> None:
+    """Freeze the base, attach A and B of every module, and (by default) make ``name`` active."""
+    model.freeze(*model.base_names())
+    adapter = Adapter(name, config, tuple(factors), fingerprint, dict(pissa_init or {}))
+    model.attach_adapter(adapter, factors)
+    if activate:
+        model.activate_adapters([name])
+
+
+def add_adapter(
+    model: GPT, config: LoraConfig, name: str = "default", seed: int | None = None
+) -> None:
+    """Add a LoRA adapter: freeze every base parameter, add A and B, make it active.
+
+    A is drawn on the host (seeded by ``seed``, default the model's seed, and the
+    adapter's name) so CPU and GPU start from the same adapter.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    check_adapter_name(name)
+    if name in model.adapters:
+        raise ValueError(f"adapter {name!r} exists already; adapters: {list(model.adapters)}")
+    require_unmerged(model, "add an adapter")
+    modules = adapter_modules(model, config)
+    fingerprint = model.base_fingerprint()  # before PiSSA rewrites W
+    seed = model.seed if seed is None else seed
+    rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
+    factors, pissa_init = {}, {}
+    for module in modules:
+        d_out, d_in = model.params[f"{module}.weight"].shape
+        if config.r > min(d_out, d_in):
+            warnings.warn(
+                f"LoRA r={config.r} exceeds min(d_out, d_in)={min(d_out, d_in)} of {module}: "
+                "the update BA cannot have rank above that",
+                stacklevel=2,
+            )
+        if config.init == "pissa":
+            factors[module] = pissa_init[module] = take_pissa_part(model, module, config)
+        else:
+            factors[module] = random_factors(d_out, d_in, config.r, config.init, rng)
+    install_adapter(model, name, config, factors, fingerprint, pissa_init)
+
+
+# -------------------------------------------------------------------- switching
+def set_adapter(model: GPT, names: str | Sequence[str]) -> None:
+    """Activate one adapter, or several (stacked: their updates add up).
+
+    The active adapters' A and B become trainable; every other adapter is frozen.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        require_adapter(model, n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names {names} repeat")
+    require_unmerged(model, "switch adapters")
+    model.activate_adapters(names)
+
+
+def disable_adapters(model: GPT) -> None:
+    """Run the base model alone; the adapters stay on the model (frozen) for later."""
+    set_adapter(model, [])
+
+
+def delete_adapter(model: GPT, name: str) -> None:
+    """Remove an adapter's A and B. A PiSSA adapter gives W back its top-r part."""
+    require_adapter(model, name)
+    require_unmerged(model, "delete an adapter")
+    adapter = model.detach_adapter(name)
+    for module, (A0, B0) in adapter.pissa_init.items():
+        W = model.params[f"{module}.weight"]
+        W += model.backend.asarray(adapter.config.scale * (B0 @ A0), dtype=model.dtype)
+
+
+# ---------------------------------------------------------------------- merging
+def _apply_delta(model: GPT, name: str, sign: float) -> None:
+    """W <- W + sign * s B A on every module of adapter ``name`` (in place)."""
+    adapter = model.adapters[name]
+    for module in adapter.modules:
+        A_name, B_name = lora_names(module, name)
+        dW = delta_weight(model.params[A_name], model.params[B_name], adapter.config.scale)
+        W = model.params[f"{module}.weight"]  # in place: the live array changes
+        if sign > 0:
+            W += dW
+        else:
+            W -= dW
+
+
+def merge(model: GPT) -> None:
+    """W <- W + s B A for every active adapter: inference then costs what the base costs."""
+    merged = model.merged_adapters
+    for name in model.active_adapters:
+        if name not in merged:
+            _apply_delta(model, name, +1.0)
+            merged.append(name)
+    model.mark_merged(merged)
+
+
+def unmerge(model: GPT) -> None:
+    """W <- W - s B A for every merged adapter, newest first: the inverse of merge.
+
+    In floating point the round trip fl(fl(W + ΔW) - ΔW) can miss W by about one ulp of
+    |W| + |ΔW| (3e-8 on the demo's float32 base). The error does not accumulate: after
+    the first cycle W sits on a value that the round trip maps to itself, so 1 and 1000
+    merge/unmerge cycles leave the same W (tests/test_lora.py checks 100).
+    """
+    for name in reversed(model.merged_adapters):
+        _apply_delta(model, name, -1.0)
+    model.mark_merged([])
+
+
+# -------------------------------------------------------------------- combining
+def _check_combination(
+    model: GPT, names: Sequence[str], weights: Sequence[float], new_name: str, method: str
+) -> tuple[list[Adapter], list[float]]:
+    names, weights = list(names), list(weights)
+    if not names:
+        raise ValueError("combine_adapters needs at least one adapter name")
+    sources = [model.adapters[require_adapter(model, n)] for n in names]
+    for a in sources:
+        if a.pissa_init:
+            raise ValueError(
+                f"adapter {a.name!r} uses init='pissa', which rewrote W; it cannot be combined"
+            )
+    if len(weights) != len(names):
+        raise ValueError(f"weights={weights!r} must be {len(names)} numbers, one per adapter")
+    weights = [real("weight", w) for w in weights]
+    if method not in ("cat", "svd"):
+        raise ValueError(f"method={method!r} is not known; allowed: cat, svd")
+    check_adapter_name(new_name)
+    if new_name in model.adapters:
+        raise ValueError(f"adapter {new_name!r} exists already")
+    if len({a.base_fingerprint for a in sources}) > 1:
+        raise ValueError(f"adapters {names} were made on different base weights")
+    return sources, weights
+
+
+def _weighted_parts(
+    model: GPT, sources: list[Adapter], weights: list[float], module: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """[A_1; A_2; ...] and [w_1 s_1 B_1, w_2 s_2 B_2, ...] on the host in float64.
+
+    An adapter without ``module`` contributes zeros of its rank: B A is then unchanged.
+    """
+    d_out, d_in = model.params[f"{module}.weight"].shape
+    As, Bs = [], []
+    for a, w in zip(sources, weights, strict=True):
+        if module in a.modules:
+            A_name, B_name = lora_names(module, a.name)
+            As.append(to_host(model.params[A_name]).astype(np.float64))
+            Bs.append(to_host(model.params[B_name]).astype(np.float64) * (w * a.config.scale))
+        else:
+            As.append(np.zeros((a.config.r, d_in)))
+            Bs.append(np.zeros((d_out, a.config.r)))
+    return np.concatenate(As, axis=0), np.concatenate(Bs, axis=1)
+
+
+def _truncate(A_cat: np.ndarray, B_cat: np.ndarray, rank: int) -> tuple[Any, Any, float]:
+    """The best rank-``rank`` factors of B_cat A_cat (Eckart-Young) and the relative
+    Frobenius error ||ΔW - ΔW_r|| / ||ΔW|| of dropping the rest."""
+    U, S, Vt = np.linalg.svd(B_cat @ A_cat, full_matrices=False)
+    k = min(rank, S.size)
+    A, B = np.zeros((rank, A_cat.shape[1])), np.zeros((B_cat.shape[0], rank))
+    A[:k] = np.sqrt(S[:k])[:, None] * Vt[:k]
+    B[:, :k] = U[:, :k] * np.sqrt(S[:k])
+    total = np.sqrt((S**2).sum())
+    return A, B, float(np.sqrt((S[k:] ** 2).sum()) / total) if total > 0 else 0.0
+
+
+def combine_adapters(
+    model: GPT,
+    names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    method: str = "cat",
+    r: int | None = None,
+) -> dict[str, float]:
+    """Make one adapter whose update is sum_i w_i s_i B_i A_i (not activated).
+
+    method "cat": exact. Stack the factors, A = [A_1; A_2; ...] and B = [w_1 s_1 B_1,
+    w_2 s_2 B_2, ...] with scale 1, rank sum r_i: B A = sum_i w_i s_i B_i A_i.
+    method "svd": the best rank-r approximation (Eckart-Young) of that sum, r default
+    max r_i. Returns each module's relative Frobenius error ||ΔW - ΔW_r|| / ||ΔW||
+    (all 0 for "cat").
+
+    The result adapts every target of any source on every layer of any source, so its
+    config describes it exactly; a module no source adapts gets A = B = 0 (ΔW = 0).
+    """
+    sources, weights = _check_combination(model, names, weights, new_name, method)
+    if method == "cat":
+        rank = sum(a.config.r for a in sources)
+    else:
+        rank = positive_int("r", r) if r is not None else max(a.config.r for a in sources)
+    targets = tuple(t for t in TARGET_MODULES if any(t in a.config.target_modules for a in sources))
+    layers = None
+    if all(a.config.layers is not None for a in sources):
+        layers = tuple(sorted({i for a in sources for i in a.config.layers}))
+    config = LoraConfig(
+        r=rank, alpha=float(rank), dropout=0.0, target_modules=targets, layers=layers
+    )
+    factors, errors = {}, {}
+    for module in sorted(adapter_modules(model, config), key=module_order):
+        A_cat, B_cat = _weighted_parts(model, sources, weights, module)
+        if method == "cat":
+            factors[module], errors[module] = (A_cat, B_cat), 0.0
+        else:
+            A, B, errors[module] = _truncate(A_cat, B_cat, rank)
+            factors[module] = (A, B)
+    install_adapter(model, new_name, config, factors, sources[0].base_fingerprint, activate=False)
+    return errors

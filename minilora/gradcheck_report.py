@@ -1,0 +1,140 @@
+"""The whole-library gradient check behind ``minilora gradcheck``.
+
+``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
+(cs231n's ``gradient_check.py``); this module decides what to check: every op of
+``layers.py``, the LoRA layer with two stacked adapters, and the tiny GPT with full
+fine-tuning and with LoRA on every target, all in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from minilora import layers as L
+from minilora.adapters import add_adapter
+from minilora.backend import get_backend, to_host, xp_of
+from minilora.gradcheck import CheckResult, check_gradients, gradcheck
+from minilora.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
+from minilora.model import GPT, GPTConfig
+
+Array = Any
+
+
+def randomize_for_check(model: Any, seed: int = 0) -> None:
+    """Give a float64 model weights that make every gradient well-sized.
+
+    GPT-2's init (std 0.02) makes attention nearly uniform, so the gradients of q and
+    k are ~1e-6 and drown in the finite differences' rounding noise. Here matrices get
+    std 0.2 and biases / layer-norm parameters get a perturbation of std 0.1 around
+    their init (LN weights stay near 1, so activations keep their scale).
+    """
+    rng = np.random.default_rng(seed + 12345)
+    for value in model.params.values():
+        host = to_host(value)
+        noise = rng.normal(0.0, 0.2 if host.ndim == 2 else 0.1, host.shape)
+        value[...] = xp_of(value).asarray(noise if host.ndim == 2 else host + noise)
+
+
+def _lora_linear_grads(dh: Array, cache: tuple) -> tuple:
+    """lora_linear_backward's gradients in the order (x, A1, B1, A2, B2)."""
+    dx, _, _, ((dA1, dB1), (dA2, dB2)) = lora_linear_backward(dh, cache)
+    return dx, dA1, dB1, dA2, dB2
+
+
+def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
+    """Check every op, the LoRA layer, and the tiny GPT (full and LoRA) in float64.
+
+    This is what ``minilora gradcheck`` prints: one row per op input, then one row
+    per model parameter, named "gpt.<param>" and "gpt+lora.<param>".
+    """
+    xp = get_backend(device).xp
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape: int) -> Array:
+        return xp.asarray(rng.normal(size=shape))
+
+    mask = L.dropout_mask((3, 5, 6), 0.3, xp.random.default_rng(seed), np.dtype("float64"))
+    mask2 = L.dropout_mask((3, 5, 6), 0.5, xp.random.default_rng(seed + 1), np.dtype("float64"))
+    targets = xp.asarray(rng.integers(-1, 7, size=(3, 5)))
+    targets[0, 0] = 1  # at least one counted position
+    W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
+    ops: list[tuple[str, Callable, Callable, dict]] = [
+        (
+            "linear",
+            L.linear_forward,
+            L.linear_backward,
+            dict(x=arr(3, 5, 6), W=arr(4, 6), b=arr(4)),
+        ),
+        (
+            "layer_norm",
+            L.layer_norm_forward,
+            L.layer_norm_backward,
+            dict(x=arr(3, 5, 6), weight=arr(6), bias=arr(6)),
+        ),
+        ("gelu", L.gelu_forward, L.gelu_backward, dict(x=arr(3, 5, 6))),
+        ("softmax", L.softmax_forward, L.softmax_backward, dict(x=arr(3, 5, 6))),
+        (
+            "attention",
+            lambda q, k, v: L.attention_forward(q, k, v, n_head=2),
+            L.attention_backward,
+            dict(q=arr(2, 5, 6), k=arr(2, 5, 6), v=arr(2, 5, 6)),
+        ),
+        ("dropout", lambda x: L.dropout_forward(x, mask), L.dropout_backward, dict(x=arr(3, 5, 6))),
+        ("residual", L.residual_forward, L.residual_backward, dict(x=arr(3, 6), fx=arr(3, 6))),
+        (
+            "cross_entropy",
+            lambda logits: L.cross_entropy_forward(logits, targets),
+            L.cross_entropy_backward,
+            dict(logits=arr(3, 5, 7)),
+        ),
+        (
+            "lora_linear",  # two stacked adapters with their own dropout masks; W, b frozen
+            lambda x, A1, B1, A2, B2: lora_linear_forward(
+                x, W_lora, b_lora, [LoraBranch(A1, B1, 2.0, mask), LoraBranch(A2, B2, 0.5, mask2)]
+            ),
+            _lora_linear_grads,
+            dict(x=arr(3, 5, 6), A1=arr(2, 6), B1=arr(4, 2), A2=arr(3, 6), B2=arr(4, 3)),
+        ),
+    ]
+    results = []
+    for name, forward, backward, inputs in ops:
+        for r in gradcheck(forward, backward, inputs, seed=seed):
+            r.name = f"{name}.{r.name}"
+            results.append(r)
+    # the embedding's input is integer ids: only its weight has a gradient
+    ids = xp.asarray(rng.integers(0, 5, size=(3, 4)))
+    for r in gradcheck(
+        lambda weight: L.embedding_forward(ids, weight),
+        L.embedding_backward,
+        dict(weight=arr(5, 6)),
+        seed=seed,
+    ):
+        r.name = "embedding.weight"
+        results.append(r)
+
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
+    idx = rng.integers(0, 65, size=(4, 16))
+    y = rng.integers(0, 65, size=(4, 16))
+    for label, lora in (("gpt", False), ("gpt+lora", True)):
+        model = GPT(config, seed=seed, dtype="float64", device=device)
+        randomize_for_check(model, seed)
+        if lora:
+            targets_all = ("q", "k", "v", "o", "fc", "proj")
+            add_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=targets_all))
+            for name in model.trainable_names():  # B = 0 would make dA exactly zero
+                model.params[name][...] = xp.asarray(rng.normal(0.0, 0.2, model.params[name].shape))
+
+        def loss(model: GPT = model) -> float:
+            model.reseed(seed)  # the same dropout masks every time
+            return model.loss(idx, y, train=True)
+
+        loss()
+        model.backward()
+        arrays = {n: model.params[n] for n in model.trainable_names()}
+        for r in check_gradients(loss, arrays, model.grads, seed=seed):
+            r.name = f"{label}.{r.name}"
+            results.append(r)
+    return results
