@@ -35,7 +35,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from minilora.checks import integer, positive_int
+from minilora.checks import integer, non_negative_int, positive_int
 from minilora.layers import IGNORE_INDEX
 
 DEFAULT_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -59,12 +59,7 @@ def _as_rng(rng_or_seed: SeedLike) -> np.random.Generator:
     """Return a Generator: the one given (its state advances), or a fresh one from a seed."""
     if isinstance(rng_or_seed, np.random.Generator):
         return rng_or_seed
-    # bool is an int subclass, but True as a seed is almost certainly a mistake.
-    if isinstance(rng_or_seed, (int, np.integer)) and not isinstance(rng_or_seed, bool):
-        return np.random.default_rng(int(rng_or_seed))
-    raise ValueError(
-        f"rng_or_seed={rng_or_seed!r} is not usable; allowed: an int seed or np.random.Generator"
-    )
+    return np.random.default_rng(non_negative_int("rng_or_seed", rng_or_seed))
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -242,7 +242,7 @@ def test_eval_batch_is_encoded_examples():
 
 def test_bad_seed_and_sizes():
     task = ShiftTask()
-    with pytest.raises(ValueError, match="rng_or_seed=1.5"):
+    with pytest.raises(TypeError, match="rng_or_seed=1.5"):
         task.batch(1.5, 4, 32)
     with pytest.raises(ValueError, match="batch_size=0"):
         lm_windows(np.arange(100), 0, 0, 8)
