@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
+from minilora.backend import require_memory, to_host
 from minilora.checks import positive_int, real
 from minilora.lora import (
     TARGET_MODULES,
@@ -70,12 +70,23 @@ def adapter_modules(model: GPT, config: LoraConfig) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------- building
-def take_pissa_part(model: GPT, module: str, config: LoraConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``module``'s W (lora.pissa_factors): W keeps the residual; returns (A0, B0)."""
-    W = model.params[f"{module}.weight"]
-    A, B, W_residual = pissa_factors(to_host(W), config.r, config.scale)
-    W[...] = model.backend.asarray(W_residual, model.dtype)
-    return A, B
+def pissa_split(
+    model: GPT, modules: Sequence[str], config: LoraConfig
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """lora.pissa_factors of each module's W: {module: (A0, B0, W_residual)}; W unchanged."""
+    return {
+        module: pissa_factors(to_host(model.params[f"{module}.weight"]), config.r, config.scale)
+        for module in modules
+    }
+
+
+def apply_pissa_split(
+    model: GPT, split: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write each W_residual into W (in place); returns {module: (A0, B0)}."""
+    for module, (_, _, W_residual) in split.items():
+        model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
+    return {module: (A, B) for module, (A, B, _) in split.items()}
 
 
 def install_adapter(
@@ -110,10 +121,14 @@ def add_adapter(
         raise ValueError(f"adapter {name!r} exists already; adapters: {list(model.adapters)}")
     require_unmerged(model, "add an adapter")
     modules = adapter_modules(model, config)
+    sizes = [sum(model.params[f"{m}.weight"].shape) for m in modules]  # d_out + d_in
+    n_new = config.r * sum(sizes)  # drawn in float64 on the host, then copied
+    require_memory(
+        n_new * (8 + model.dtype.itemsize), f"LoRA r={config.r} on {len(modules)} matrices"
+    )
     fingerprint = model.base_fingerprint()  # before PiSSA rewrites W
     seed = model.seed if seed is None else seed
     rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
-    factors, pissa_init = {}, {}
     for module in modules:
         d_out, d_in = model.params[f"{module}.weight"].shape
         if config.r > min(d_out, d_in):
@@ -122,10 +137,12 @@ def add_adapter(
                 "the update BA cannot have rank above that",
                 stacklevel=2,
             )
-        if config.init == "pissa":
-            factors[module] = pissa_init[module] = take_pissa_part(model, module, config)
-        else:
-            factors[module] = random_factors(d_out, d_in, config.r, config.init, rng)
+    if config.init == "pissa":
+        factors = pissa_init = apply_pissa_split(model, pissa_split(model, modules, config))
+    else:
+        shapes = {m: model.params[f"{m}.weight"].shape for m in modules}
+        factors = {m: random_factors(*shapes[m], config.r, config.init, rng) for m in modules}
+        pissa_init = {}
     install_adapter(model, name, config, factors, fingerprint, pissa_init)
 
 

@@ -102,6 +102,39 @@ def get_backend(device: str | None = None) -> Backend:
     return _BACKENDS[device]
 
 
+class MemoryEstimateError(ValueError):
+    """A request was refused before allocation: it would not fit in memory."""
+
+
+def available_memory(device: str | None = None) -> int | None:
+    """Bytes that can be allocated now on ``device`` (None when the OS does not say).
+
+    CPU: MemAvailable of /proc/meminfo (free memory plus caches the kernel can drop);
+    GPU: the free bytes CUDA reports.
+    """
+    if resolve_device(device) == "gpu":
+        free, _ = get_backend("gpu").xp.cuda.runtime.memGetInfo()
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def require_memory(nbytes: int, what: str, device: str | None = None) -> None:
+    """Fail fast, before allocating, when ``what`` needs more memory than ``device`` has."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise MemoryEstimateError(
+            f"{what} needs about {nbytes / 1e9:,.1f} GB, but only {free / 1e9:,.1f} GB is "
+            f"available on the {resolve_device(device)}; choose a smaller size"
+        )
+
+
 def gpu_available() -> tuple[bool, str]:
     """(True, "") when the GPU backend works, else (False, the reason): for test skips."""
     try:

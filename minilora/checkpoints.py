@@ -23,16 +23,17 @@ import numpy as np
 
 from minilora.adapters import (
     adapter_modules,
+    apply_pissa_split,
     check_adapter_name,
     install_adapter,
+    pissa_split,
     require_unmerged,
-    take_pissa_part,
 )
 from minilora.backend import to_host
 from minilora.data import CharTokenizer
 from minilora.io import load_json, load_safetensors, save_json, save_safetensors
 from minilora.lora import LoraConfig, lora_names
-from minilora.model import GPT, GPTConfig
+from minilora.model import GPT, GPTConfig, parameter_shapes, weights_fingerprint
 from minilora.version import __version__
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,6 +70,8 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
             "lora_config": adapter.config.to_dict(),
             "base_config": model.config.to_dict(),
             "base_fingerprint": adapter.base_fingerprint,
+            # PiSSA: the base as the split left it, so load_adapter can check its own split
+            "residual_fingerprint": model.base_fingerprint() if adapter.pissa_init else None,
             "dtype": model.dtype.name,
         },
     )
@@ -133,10 +136,17 @@ def load_adapter(
             if not np.isfinite(array).all():
                 raise ValueError(f"{directory}: {module}.lora_{key} contains NaN or inf")
         factors[module] = (A, B)
+    split = pissa_split(model, modules, config) if config.init == "pissa" else {}
+    if split:  # the same SVD of the same W gives the same residual: check that it does
+        after = {n: model.params[n] for n in model.base_names()}
+        after.update({f"{m}.weight": W_residual for m, (_, _, W_residual) in split.items()})
+        if meta.get("residual_fingerprint") != weights_fingerprint(after):
+            raise ValueError(
+                f"{directory / ADAPTER_CONFIG}: init is 'pissa', but splitting this base does "
+                "not give the weights the adapter was saved with (edited config, or another base)"
+            )
     # Everything checked: from here on the model changes.
-    pissa_init = {}
-    if config.init == "pissa":  # the same SVD of the same W gives the same residual
-        pissa_init = {module: take_pissa_part(model, module, config) for module in modules}
+    pissa_init = apply_pissa_split(model, split)
     install_adapter(model, name, config, factors, fingerprint, pissa_init, activate=activate)
     return name
 
@@ -177,7 +187,20 @@ def load_model(
     if not isinstance(meta, dict) or "gpt_config" not in meta:
         raise ValueError(f"{directory / MODEL_CONFIG}: not a minilora model config")
     config = GPTConfig.from_dict(meta["gpt_config"])
+    if not isinstance(meta.get("extra", {}), dict):
+        raise ValueError(f"{directory / MODEL_CONFIG}: extra must be an object")
     tensors, _ = load_safetensors(directory / MODEL_WEIGHTS)
+    # Compare the file with the config before the model is built: a config that claims
+    # more (or other) weights than the file holds must not allocate them first.
+    n_expected = 4 + 16 * config.n_layer  # wte, wpe, ln_f x2, and 16 tensors per block
+    shapes = parameter_shapes(config) if len(tensors) == n_expected else {}
+    wrong = sorted(n for n in tensors if tuple(tensors[n].shape) != shapes.get(n))
+    if len(tensors) != n_expected or wrong or set(shapes) != set(tensors):
+        raise ValueError(
+            f"{directory}: the weights do not fit config.json's {config}: "
+            f"{len(tensors)} tensors (expected {n_expected})"
+            + (f", {wrong[0]} has shape {tensors[wrong[0]].shape}" if wrong and shapes else "")
+        )
     model = GPT(config, dtype=dtype or meta.get("dtype", "float32"), device=device)
     model.load_state_dict(tensors)
     return model, meta

@@ -53,12 +53,27 @@ def _targets(p: argparse.ArgumentParser) -> None:
 
 def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=batch, help=f"(default {batch})")
+    p.add_argument(
+        "--batch-size", type=int, default=batch, help=f"sequences per step (default {batch})"
+    )
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
-    p.add_argument("--eval-every", type=int, default=50, help="(default 50; 0 = at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="(default 0 = at the end)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="validate every N steps (default 50; 0: at the end)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save a resumable checkpoint every N steps (default 0 = at the end)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a previous run in OUT (default: refuse)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -108,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _base(p)
-    p.add_argument("--task", default="shift", help="shift, rot, planted or text (with --text)")
-    p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file")
+    p.add_argument(
+        "--task", default=None, help="shift, rot or planted (default shift); not with --text"
+    )
+    p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file instead")
     p.add_argument(
         "--planted-rank", type=int, default=4, help="rank of the planted change (task planted)"
     )
@@ -117,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     _rank(p, alpha=True)
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     _targets(p)
-    p.add_argument("--init", default="gaussian", help="gaussian, kaiming or pissa")
+    p.add_argument(
+        "--init", default="gaussian", help="gaussian, kaiming or pissa (default gaussian)"
+    )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=3e-3)
@@ -136,9 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
     p.add_argument("--merge", action="store_true", help="merge the adapters into W first")
     p.add_argument("--prompt", default="copy hello>", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add (default 40)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k most likely (default: all)"
+    )
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
 
     p = sub.add_parser(

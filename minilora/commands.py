@@ -18,7 +18,13 @@ from minilora.gradcheck_report import full_report
 from minilora.lora import LoraConfig
 from minilora.model import GPT, GPTConfig
 from minilora.planted import PlantedRankTask
+from minilora.runfolder import RunFolder
 from minilora.train import TrainConfig, Trainer
+
+PRODUCT_FILES = {
+    "adapter": (checkpoints.ADAPTER_CONFIG, checkpoints.ADAPTER_WEIGHTS),
+    "model": (checkpoints.MODEL_CONFIG, checkpoints.MODEL_WEIGHTS),
+}
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -38,9 +44,35 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
     )
 
 
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
 def _metrics(m: dict) -> str:
     """loss, accuracy per counted character, and rows with every counted character right."""
     return f"loss {m['loss']:.4f}, char acc {m['char_acc']:.1%}, exact {m['exact']:.1%}"
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, products: tuple[str, ...]) -> None:
+    """Refuse to mix a new run with a finished one in ``out``, or clear it (--overwrite).
+
+    A run is its train/ folder (runfolder.py) and its products (model/, adapter/); with
+    --overwrite only the files minilora names there are removed, nothing else.
+    """
+    if resume:
+        return
+    run = RunFolder(out / "train")
+    files = [out / folder / name for folder in products for name in PRODUCT_FILES[folder]]
+    if not (run.holds_a_run() or any(f.exists() for f in files)):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out} holds a previous run; continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
+        )
+    run.clear()
+    for f in files:
+        f.unlink(missing_ok=True)
 
 
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
@@ -61,10 +93,17 @@ def pretrain(args: Namespace) -> int:
         n_head=sizes["n_head"],
         d_model=sizes["d_model"],
     )
-    model = GPT(config, seed=args.seed, device=args.device)
     out = Path(args.out)
+    _prepare_out(out, args.resume, args.overwrite, ("model",))
+    model = GPT(config, seed=args.seed, device=args.device)
+    settings = {"config": config.to_dict(), "task": task.name, "text": _resolved(args.text)}
     trainer = Trainer(
-        model, task, _train_config(args, config.block_size), out / "train", progress=not args.quiet
+        model,
+        task,
+        _train_config(args, config.block_size),
+        out / "train",
+        progress=not args.quiet,
+        settings=settings,
     )
     trainer.run(resume=args.resume)
     last = trainer.last_validation
@@ -85,13 +124,26 @@ def pretrain(args: Namespace) -> int:
 
 # ------------------------------------------------------------------------- finetune
 def finetune(args: Namespace) -> int:
+    if args.text is not None and args.task is not None:
+        raise ValueError(
+            f"--task {args.task} and --text {args.text} both given: --text fine-tunes on the "
+            "file instead of a built-in task; give one of them"
+        )
+    out = Path(args.out)
+    _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"))
     model, tokenizer = load_base(args.base, args.device)
-    if args.task == "planted" and args.text is None:  # its teacher is this base + a rank-k ΔW
+    base = model.base_fingerprint()
+    task_name = args.task or "shift"
+    if task_name == "planted" and args.text is None:  # its teacher is this base + a rank-k ΔW
         task = PlantedRankTask(model, tokenizer, rank=args.planted_rank, seed=args.seed)
     else:
-        task = _task(args.task, args.text, tokenizer)
+        task = _task(task_name, args.text, tokenizer)
+    settings: dict[str, Any] = {"base": base, "task": task.name, "text": _resolved(args.text)}
+    if task_name == "planted":
+        settings["planted_rank"] = args.planted_rank
     if args.full:
         mode = "full"
+        settings["mode"] = "full"
     else:
         alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
         lcfg = LoraConfig(
@@ -104,10 +156,15 @@ def finetune(args: Namespace) -> int:
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
         mode = f"LoRA r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        settings.update(mode="lora", lora=lcfg.to_dict())
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
-    out = Path(args.out)
     trainer = Trainer(
-        model, task, _train_config(args, block), out / "train", progress=not args.quiet
+        model,
+        task,
+        _train_config(args, block),
+        out / "train",
+        progress=not args.quiet,
+        settings=settings,
     )
     before = trainer.validate() if not args.resume else None
     trainer.run(resume=args.resume)
@@ -128,6 +185,10 @@ def finetune(args: Namespace) -> int:
 
 # ------------------------------------------------------------------------- generate
 def generate(args: Namespace) -> int:
+    folders = [_resolved(a) for a in args.adapter]
+    repeated = sorted({f for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise ValueError(f"--adapter {repeated[0]} is given twice; each adapter can stack once")
     model, tokenizer = load_base(args.base, args.device)
     names = [checkpoints.load_adapter(model, a, name=f"a{i}") for i, a in enumerate(args.adapter)]
     if names:

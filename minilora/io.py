@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import uuid
 from collections.abc import Mapping
@@ -86,6 +87,25 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # atomic_write_bytes' temporary names
+
+
+def remove_temporaries(directory: PathLike) -> list[str]:
+    """Delete what an interrupted :func:`atomic_write_bytes` left in ``directory``.
+
+    Only plain files whose names match the temporary pattern are touched. Returns their
+    names. Safe only when no other process is writing into ``directory``.
+    """
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if _TEMPORARY.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                removed.append(entry.name)
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

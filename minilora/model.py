@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from minilora.backend import get_backend, host_rng, resolve_dtype, to_host
+from minilora.backend import get_backend, host_rng, require_memory, resolve_dtype, to_host
 from minilora.checks import non_negative_int, positive_int, positive_real, probability
 from minilora.layers import (
     IGNORE_INDEX,
@@ -181,6 +181,9 @@ class GPT:
         self.seed = non_negative_int("seed", seed)
         self.dtype = resolve_dtype(dtype)
         self.backend = get_backend(device)
+        n_params = sum(math.prod(shape) for shape in parameter_shapes(config).values())
+        # the init draws float64 on the host, then copies to the model's dtype
+        require_memory(n_params * (8 + self.dtype.itemsize), f"a GPT with {n_params:,} parameters")
         self.device = self.backend.device
         self.xp = self.backend.xp
         self.params: dict[str, Array] = {
@@ -469,6 +472,11 @@ class GPT:
         """Fill ``self.grads`` for the trainable parameters from the last ``loss`` call."""
         if self._cache is None:
             raise ValueError("backward() needs a preceding loss(idx, targets) call")
+        if self._merged:  # merged branches do not run, so their A and B would get nothing
+            raise ValueError(
+                f"backward() while adapters {self._merged} are merged into W; call "
+                "unmerge(model) first"
+            )
         c = self._cache
         self._cache = None  # free the activations as soon as they are used
         self.grads = {}
@@ -556,6 +564,8 @@ class GPT:
                     f"{name}: shape {value.shape} does not match the model's "
                     f"{self.params[name].shape}"
                 )
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} contains NaN or inf; weights must be finite")
             host[name] = value
         for name, value in host.items():
             self.params[name][...] = self.backend.asarray(value, dtype=self.dtype)
@@ -568,8 +578,13 @@ class GPT:
         """A short SHA-256 of the base weights (as float32), to tie an adapter to its base."""
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} first: W holds their update")
-        digest = hashlib.sha256()
-        for name in sorted(self.base_names()):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(to_host(self.params[name]), dtype=np.float32))
-        return digest.hexdigest()[:16]
+        return weights_fingerprint({name: self.params[name] for name in self.base_names()})
+
+
+def weights_fingerprint(weights: Mapping[str, Any]) -> str:
+    """A short SHA-256 of named arrays, taken as float32 in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(to_host(weights[name]), dtype=np.float32))
+    return digest.hexdigest()[:16]

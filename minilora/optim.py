@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from minilora.backend import to_host
-from minilora.checks import in_range
+from minilora.checks import in_range, non_negative_int
 
 
 class Optimizer:
@@ -24,6 +24,16 @@ class Optimizer:
         self.weight_decay = in_range("weight_decay", weight_decay, 0.0)
         self.t = 0  # steps taken
         self.state: dict[str, dict[str, Any]] = {}  # name -> {"m": ..., "v": ...}
+        self._owners: dict[str, Any] = {}  # name -> the parameter array its state belongs to
+
+    def _slots(self, name: str, p: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The state of parameter ``name``: zeros the first time, and again whenever the
+        name has come to mean another array (an adapter deleted and added again under
+        the same name must not inherit the old one's moments)."""
+        if self._owners.get(name) is not p:
+            self.state[name] = {key: self.model.xp.zeros_like(p) for key in keys}
+            self._owners[name] = p
+        return self.state[name]
 
     def zero_grad(self) -> None:
         self.model.grads = {}
@@ -59,9 +69,9 @@ class Optimizer:
             slots.setdefault(name, {})[slot] = self.model.backend.asarray(
                 value, dtype=self.model.dtype
             )
-        self.t = int(state["t"])
-        self.lr = float(state["lr"])
-        self.state = slots
+        t, lr = non_negative_int("optimizer t", state["t"]), in_range("lr", state["lr"], 0.0)
+        self.t, self.lr, self.state = t, lr, slots
+        self._owners = {name: self.model.params[name] for name in slots}
 
 
 class SGD(Optimizer):
@@ -80,7 +90,7 @@ class SGD(Optimizer):
             if self._decays(name):
                 p -= self.lr * self.weight_decay * p
             if self.momentum:
-                slots = self.state.setdefault(name, {"m": self.model.xp.zeros_like(p)})
+                slots = self._slots(name, p, ("m",))
                 slots["m"] *= self.momentum
                 slots["m"] += g
                 g = slots["m"]
@@ -117,7 +127,7 @@ class AdamW(Optimizer):
         correction2 = 1.0 - self.b2**self.t
         for name, g in self.model.grads.items():
             p = self.model.params[name]
-            slots = self.state.setdefault(name, {"m": xp.zeros_like(p), "v": xp.zeros_like(p)})
+            slots = self._slots(name, p, ("m", "v"))
             m, v = slots["m"], slots["v"]
             m *= self.b1
             m += (1.0 - self.b1) * g

@@ -217,6 +217,12 @@ def accounting_table(
         bytes_per_param = _DEFAULT_BYTES_PER_PARAM.get(name, 4)
     r = positive_int("r", r)
     targets = _check_targets(targets)
+    smallest = min(min(_target_shape(t, config["d_model"])) for t in targets)
+    if r > smallest:  # otherwise "LoRA" could train more than full fine-tuning
+        raise ValueError(
+            f"r={r} exceeds {smallest}, the smallest side of the adapted matrices: a rank-r "
+            f"update of such a matrix has rank at most {smallest}; allowed: 1..{smallest}"
+        )
     arch = count_architecture(
         config["vocab_size"],
         config["block_size"],

@@ -8,15 +8,19 @@ run (on NumPy, bit for bit).
 
 Checkpoints hold only what training changes: the trainable parameters and the
 optimizer's moments (for LoRA, kilobytes; the frozen base is rebuilt from its own
-file). Each is a new folder ``ckpt-{step:06d}``; ``latest.json`` names the newest one
-and is replaced atomically, so a crash or a NaN never leaves a half-written "latest".
+file), plus the run's settings, so that ``--resume`` with other settings is refused
+instead of silently producing a run that is neither. The folder's layout and its
+safety rules are runfolder.py's.
+
+Ctrl-C never cuts a step in half: the first one asks the loop to stop after the
+current step, which is then saved; a second one stops at once.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,17 +28,28 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
+from minilora.backend import require_memory, to_host
 from minilora.checks import non_negative_int, positive_int
 from minilora.data import Batch, answer_accuracy
-from minilora.io import load_json, load_safetensors, save_json, save_safetensors
 from minilora.layers import IGNORE_INDEX, cross_entropy_forward
 from minilora.model import GPT
 from minilora.optim import AdamW
+from minilora.params import activation_bytes
+from minilora.runfolder import RunFolder
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss exploded or became NaN, or a gradient overflowed; checkpoints are kept."""
+
+
+DIVERGED_FACTOR = 4.0
+"""A loss above DIVERGED_FACTOR * first loss + DIVERGED_MARGIN means training diverged: far
+beyond what noise does (fine-tuning losses fall from their first value), and early
+enough to stop before anything is saved."""
+DIVERGED_MARGIN = 10.0
+RESULT_FIELDS = ("steps", "batch_size", "block_size", "lr", "min_lr_ratio", "warmup")
+RESULT_FIELDS += ("weight_decay", "grad_clip", "seed")
+"""TrainConfig fields that change a run's result; eval and checkpoint intervals do not."""
 
 
 @dataclass
@@ -114,7 +129,12 @@ def evaluate(model: GPT, batch: Batch, chunk: int = 128) -> dict[str, float]:
 
 
 class Trainer:
-    """Trains ``model``'s trainable parameters on ``task`` (see data.py)."""
+    """Trains ``model``'s trainable parameters on ``task`` (see data.py).
+
+    ``settings``: whatever else decides the result (the LoRA config, the task, the
+    base), stored with each checkpoint and compared on resume. ``overwrite``: replace
+    a previous run in ``out_dir`` instead of refusing to.
+    """
 
     def __init__(
         self,
@@ -123,6 +143,8 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: str | Path | None = None,
         progress: bool = True,
+        settings: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> None:
         if cfg.block_size > model.config.block_size:
             raise ValueError(
@@ -131,49 +153,56 @@ class Trainer:
             )
         if not model.trainable_names():
             raise ValueError("the model has no trainable parameters (all frozen)")
+        sizes = {**model.config.to_dict(), "block_size": cfg.block_size}
+        for what, batch in (("batch_size", cfg.batch_size), ("eval_size", cfg.eval_size)):
+            need = activation_bytes({**sizes, "batch_size": batch}, model.dtype.itemsize)
+            require_memory(need, f"a step with {what}={batch}", model.device)
         self.model, self.task, self.cfg = model, task, cfg
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.folder = RunFolder(out_dir) if out_dir is not None else None
+        self.out_dir = self.folder.path if self.folder else None
         self.progress = progress
+        self.settings = {"train": {k: asdict(cfg)[k] for k in RESULT_FIELDS}, **(settings or {})}
+        self.overwrite = overwrite
         self.opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
+        self.first_loss: float | None = None  # the divergence test's reference
         self.history: list[dict[str, float]] = []
         self.last_validation: dict[str, float] | None = None  # {"loss", "char_acc", "exact"}
         self.eval_batch = task.eval_batch(cfg.eval_size, cfg.block_size, seed=cfg.seed)
+        self._claimed = False  # this trainer has started writing into out_dir
 
     # --------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ckpt-{step}/ (trainable parameters + optimizer state), then point to it."""
-        assert self.out_dir is not None
-        folder = self.out_dir / f"ckpt-{self.step:06d}"
+        """Write ckpt-{step}/ (trainable parameters, optimizer state, settings)."""
+        if self.folder is None:
+            raise ValueError("save_checkpoint needs an out_dir")
         tensors = {
             f"param.{n}": to_host(self.model.params[n]) for n in self.model.trainable_names()
         }
         opt_state = self.opt.state_dict()
         tensors.update({f"opt.{k}": v for k, v in opt_state.items() if k.startswith("state.")})
-        save_safetensors(folder / "state.safetensors", tensors)
-        save_json(
-            folder / "trainer.json",
-            {"step": self.step, "opt_t": opt_state["t"], "train_config": asdict(self.cfg)},
-        )
-        previous = self._latest()
-        save_json(self.out_dir / "latest.json", {"checkpoint": folder.name, "step": self.step})
-        if previous is not None and previous != folder and previous.exists():
-            shutil.rmtree(previous)  # only after "latest" names the new one
-        return folder
-
-    def _latest(self) -> Path | None:
-        pointer = self.out_dir / "latest.json" if self.out_dir else None
-        if pointer is None or not pointer.exists():
-            return None
-        return self.out_dir / load_json(pointer)["checkpoint"]
+        self._claim_folder()
+        meta = {
+            "step": self.step,
+            "opt_t": opt_state["t"],
+            "first_loss": self.first_loss,
+            "settings": self.settings,
+            "train_config": asdict(self.cfg),
+        }
+        return self.folder.write_checkpoint(self.step, tensors, meta)
 
     def load_checkpoint(self) -> int:
-        """Restore the newest checkpoint in out_dir; returns its step."""
-        folder = self._latest()
-        if folder is None:
-            raise ValueError(f"--resume: no checkpoint in {str(self.out_dir)!r}")
-        meta = load_json(folder / "trainer.json")
-        tensors, _ = load_safetensors(folder / "state.safetensors")
+        """Restore the newest checkpoint in out_dir, if its settings are this run's."""
+        if self.folder is None:
+            raise ValueError("--resume needs an out_dir")
+        self.folder.remove_leftovers()
+        tensors, meta, folder = self.folder.read_checkpoint()
+        changed = _differences(meta["settings"], self.settings)
+        if changed:
+            raise ValueError(
+                f"--resume: {folder} was trained with other settings: {'; '.join(changed)}. "
+                "Resume with the same settings, or start a new run in another --out"
+            )
         params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
         if sorted(params) != sorted(self.model.trainable_names()):
             raise ValueError(
@@ -181,57 +210,101 @@ class Trainer:
                 f"match this model's {len(self.model.trainable_names())} (other adapter or mode?)"
             )
         for name, value in params.items():
-            if value.shape != self.model.params[name].shape:
+            if value.shape != self.model.params[name].shape or not np.isfinite(value).all():
                 raise ValueError(
-                    f"{folder}: {name} has shape {value.shape}, model has "
-                    f"{self.model.params[name].shape}"
+                    f"{folder}: {name} has shape {value.shape} (model: "
+                    f"{self.model.params[name].shape}) or holds NaN or inf"
                 )
         opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
         opt.update(t=meta["opt_t"], lr=self.cfg.lr)
         self.opt.load_state_dict(opt)
         for name, value in params.items():
             self.model.params[name][...] = self.model.backend.asarray(value, self.model.dtype)
-        self.step = int(meta["step"])
+        first = meta.get("first_loss")
+        self.first_loss = float(first) if isinstance(first, (int, float)) else None
+        self.step = meta["step"]
+        self.folder.truncate_metrics(self.step)  # rows a crashed run logged after it
+        self._claimed = True
         return self.step
+
+    def _claim_folder(self) -> None:
+        """A new run may not mix its files with a previous run's, unless told to replace it."""
+        if self.folder is None or self._claimed:
+            return
+        if self.folder.holds_a_run():
+            if not self.overwrite:
+                raise ValueError(
+                    f"{self.folder.path} holds a previous run; continue it with --resume, "
+                    "replace it with --overwrite, or choose another --out"
+                )
+            self.folder.clear()
+        self._claimed = True
 
     # ---------------------------------------------------------------- the loop
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.folder is not None:
+            self._claim_folder()
+            self.folder.append_metrics(row)
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        latest = self.folder.latest() if self.folder is not None else None
+        kept = (
+            f"the last good checkpoint, {latest.name}, is kept in {self.folder.path}"
+            if latest is not None
+            else "no checkpoint was written before it (--checkpoint-every N keeps some)"
+        )
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what}; try a smaller --lr (or --alpha); {kept}"
+        )
 
     def train_step(self) -> float:
-        """One update: batch, loss, backward, clip, AdamW. Returns the loss."""
-        self.step += 1
-        seed = step_seed(self.cfg.seed, self.step)
+        """One update: batch, loss, backward, clip, AdamW. Returns the loss.
+
+        ``self.step`` advances only when the update is complete, so an exception at
+        any point leaves the counter and the parameters consistent. NumPy's floating
+        point warnings are errors here: an overflow is a divergence, not a warning.
+        """
+        step = self.step + 1
+        seed = step_seed(self.cfg.seed, step)
         batch = self.task.batch(seed, self.cfg.batch_size, self.cfg.block_size)
         self.model.reseed(seed)
-        loss = self.model.loss(batch.idx, batch.targets, train=True)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss} at step {self.step}; the last good checkpoint is kept "
-                "(try a lower --lr)"
-            )
-        self.model.backward()
-        grad_norm = clip_gradients(self.model.grads, self.cfg.grad_clip)
-        self.opt.lr = learning_rate(self.step, self.cfg)
-        self.opt.step()
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+                loss = self.model.loss(batch.idx, batch.targets, train=True)
+                if self.first_loss is None and math.isfinite(loss):
+                    self.first_loss = loss
+                limit = DIVERGED_FACTOR * (self.first_loss or 0.0) + DIVERGED_MARGIN
+                if not math.isfinite(loss) or loss > limit:
+                    raise self._diverged(
+                        step, f"loss {loss:.4g} (first loss {self.first_loss:.4g})"
+                    )
+                self.model.backward()
+                grad_norm = clip_gradients(self.model.grads, self.cfg.grad_clip)
+                if not math.isfinite(grad_norm):
+                    raise self._diverged(step, f"gradient norm {grad_norm}")
+                self.opt.lr = learning_rate(step, self.cfg)
+                self.opt.step()
+        except FloatingPointError as err:
+            raise self._diverged(step, f"floating-point {err}") from None
         self.opt.zero_grad()
-        self._log({"step": self.step, "loss": loss, "lr": self.opt.lr, "grad_norm": grad_norm})
+        self.step = step
+        self._log({"step": step, "loss": loss, "lr": self.opt.lr, "grad_norm": grad_norm})
         return loss
 
     def run(self, resume: bool = False, until: int | None = None) -> list[dict[str, float]]:
         """Train to ``cfg.steps`` (or stop after step ``until``, as an interruption would).
 
         The schedule always spans ``cfg.steps``, so a run stopped at ``until`` and
-        resumed later is the same run. Ctrl-C saves a checkpoint and re-raises.
+        resumed later is the same run. Ctrl-C finishes the current step, saves a
+        checkpoint and re-raises KeyboardInterrupt.
         """
         from tqdm.auto import tqdm
 
         if resume:
             self.load_checkpoint()
+        else:
+            self._claim_folder()
         cfg = self.cfg
         bar = tqdm(
             total=cfg.steps,
@@ -244,23 +317,30 @@ class Trainer:
         start = time.perf_counter()
         stop = cfg.steps if until is None else min(until, cfg.steps)
         try:
-            while self.step < stop:
-                loss = self.train_step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.validate()
-                if self.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with _deferred_interrupt() as interrupted:
+                while self.step < stop:
+                    loss = self.train_step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self.validate()
+                    if (
+                        self.folder
+                        and cfg.checkpoint_every
+                        and self.step % cfg.checkpoint_every == 0
+                    ):
+                        self.save_checkpoint()
+                    if interrupted:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            if self.out_dir is not None:
+            if self.folder is not None:
                 folder = self.save_checkpoint()
                 print(f"interrupted at step {self.step}; saved {folder} (continue with --resume)")
             raise
         bar.close()
         self.validate()
-        if self.out_dir is not None:
+        if self.folder is not None:
             self.save_checkpoint()
         self.seconds = time.perf_counter() - start
         return self.history
@@ -271,3 +351,40 @@ class Trainer:
         self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
+
+
+def _due(step: int, every: int) -> bool:
+    """True every ``every`` steps; never when ``every`` is 0 (off)."""
+    return every > 0 and step % every == 0
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two settings dicts ("alpha 16.0 -> 256.0")."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+class _deferred_interrupt:
+    """Within the block, the first Ctrl-C only sets a flag (the loop stops after the
+    current step); a second one raises at once. Outside the main thread, a no-op."""
+
+    def __enter__(self) -> list[bool]:
+        self.flag: list[bool] = []
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self.flag
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.flag.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: now
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -478,6 +478,42 @@ def test_pissa_adapter_round_trip(tiny_config, tmp_path):
     np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
 
 
+def test_an_init_edited_to_pissa_is_refused(tiny_config, tmp_path):
+    """A gaussian adapter whose saved config was edited to init "pissa" would rewrite W
+    on load; the residual fingerprint catches it before the model changes."""
+    model = random_model(tiny_config, dtype="float32")
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=2, target_modules=("q",)))
+    randomise_adapters(model)
+    ml.save_adapter(model, tmp_path / "g")
+    path = tmp_path / "g" / "adapter_config.json"
+    path.write_text(path.read_text().replace('"gaussian"', '"pissa"'))
+    fresh = random_model(tiny_config, dtype="float32")
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match="init is 'pissa', but splitting this base"):
+        ml.load_adapter(fresh, tmp_path / "g")
+    for name, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_combine_svd_with_rank_zero_is_refused(tiny_config):
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2), "a")
+    with pytest.raises(ValueError, match="r=0"):
+        ml.combine_adapters(model, ["a"], [1.0], "a0", method="svd", r=0)
+    assert list(model.adapters) == ["a"]
+
+
+def test_backward_while_merged_is_refused(tiny_config):
+    """Evaluating merged is fine; a backward would give A and B nothing, so it is refused."""
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2), "a")
+    ml.merge(model)
+    idx, targets = batch(tiny_config)
+    model.loss(idx, targets, train=False)
+    with pytest.raises(ValueError, match="merged into W; call unmerge"):
+        model.backward()
+
+
 def _corrupt(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

@@ -358,3 +358,21 @@ def test_dropout_model_gradients_with_fixed_masks(tiny_config):
     names = ["wte.weight", "wpe.weight", "h.0.attn.q.weight", "h.1.mlp.proj.weight", "ln_f.bias"]
     results = check_gradients(loss_fn, {n: model.params[n] for n in names}, grads)
     assert all(r.passed(TOL) and not r.zero for r in results), format_report(results)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(tiny_config, bad):
+    model = ml.GPT(tiny_config)
+    state = model.state_dict()
+    state["h.1.mlp.fc.weight"][3, 4] = bad
+    before = model.state_dict()
+    with pytest.raises(ValueError, match="h.1.mlp.fc.weight contains NaN or inf"):
+        model.load_state_dict(state)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_model_beyond_memory_fails_before_allocating():
+    huge = ml.GPTConfig(vocab_size=96, block_size=64, n_layer=100_000, n_head=4, d_model=1024)
+    with pytest.raises(ValueError, match=r"needs about [\d,.]+ GB"):
+        ml.GPT(huge)

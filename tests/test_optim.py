@@ -294,3 +294,29 @@ def test_adamw_betas_of_wrong_length():
     """betas must be a pair; anything else is a ValueError."""
     with pytest.raises(ValueError, match="betas"):
         ml.AdamW(make_model(), betas=(0.9,))
+
+
+def test_an_adapter_added_again_under_the_same_name_starts_with_fresh_moments():
+    """Deleting adapter "a" and adding a new "a": AdamW must not reuse the old moments."""
+    model = make_model()
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), "a")
+    opt = ml.AdamW(model, lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        random_grads(model, rng)
+        opt.step()
+    ml.delete_adapter(model, "a")
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), "a")
+    fresh = ml.AdamW(model, lr=1e-2)
+    fresh.t = opt.t  # the same bias correction, so only the moments can differ
+    before = {n: np.array(model.params[n]) for n in model.trainable_names()}
+    random_grads(model, np.random.default_rng(1))
+    grads = dict(model.grads)
+    opt.step()
+    after_old = {n: np.array(model.params[n]) for n in model.trainable_names()}
+    for n in before:
+        model.params[n][...] = before[n]
+    model.grads = grads
+    fresh.step()
+    for n in before:
+        np.testing.assert_array_equal(after_old[n], model.params[n], err_msg=n)

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -115,7 +117,7 @@ def test_resume_refuses_other_trainable_set(tmp_path):
     Trainer(lora_model(), ShiftTask(), config(2), out_dir=tmp_path, progress=False).run()
     full = ml.GPT(SMALL)
     with pytest.raises(ValueError, match="do not match"):
-        Trainer(full, ShiftTask(), config(4), out_dir=tmp_path, progress=False).run(resume=True)
+        Trainer(full, ShiftTask(), config(2), out_dir=tmp_path, progress=False).run(resume=True)
 
 
 @pytest.mark.parametrize(
@@ -162,3 +164,142 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
     resumed = Trainer(lora_model(), ShiftTask(), config(10), out_dir=tmp_path, progress=False)
     resumed.run(resume=True)
     assert resumed.step == 10
+
+
+# ------------------------------------------------------------- runs that never lose work
+def trainer_at(out, steps=10, model=None, **kw):
+    return Trainer(model or lora_model(), ShiftTask(), config(steps, **kw), out, progress=False)
+
+
+def final_params(model):
+    return {n: np.array(v) for n, v in model.params.items()}
+
+
+def test_ctrl_c_mid_step_finishes_the_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """A real SIGINT in the middle of step 5 (while its batch is drawn): the step
+    completes, is saved as step 5 with the optimizer at step 5, and the resumed run
+    equals an uninterrupted one bit for bit."""
+    straight = lora_model()
+    trainer_at(tmp_path / "a", model=straight).run()
+
+    task = ShiftTask()
+    real_batch = task.batch
+
+    def batch_with_ctrl_c(seed, *args):
+        if trainer.step == 4:  # drawing step 5's batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(seed, *args)
+
+    trainer = Trainer(lora_model(), task, config(10), tmp_path / "b", progress=False)
+    monkeypatch.setattr(task, "batch", batch_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    saved = json.loads((tmp_path / "b" / "ckpt-000005" / "trainer.json").read_text())
+    assert (saved["step"], saved["opt_t"]) == (5, 5)
+    resumed_model = lora_model()
+    trainer_at(tmp_path / "b", model=resumed_model).run(resume=True)
+    for name, value in final_params(straight).items():
+        np.testing.assert_array_equal(resumed_model.params[name], value, err_msg=name)
+
+
+def test_resume_after_a_crash_cleans_up_and_is_exact(tmp_path):
+    """What kill -9 in the middle of a checkpoint leaves (a partial ckpt folder, a
+    temporary file, metrics logged after the last checkpoint) is cleaned on resume, and
+    the run ends where an uninterrupted one does."""
+    straight = lora_model()
+    trainer_at(tmp_path / "a", model=straight).run()
+    trainer_at(tmp_path / "b", checkpoint_every=3).run(until=7)  # checkpoint at 6
+    out = tmp_path / "b"
+    (out / "ckpt-000009").mkdir()  # a write that was cut short
+    (out / "ckpt-000009" / "state.safetensors").write_bytes(b"half")
+    (out / ".latest.json.0123456789ab.tmp").write_text("{")
+    (out / "notes.txt").write_text("the user's own file")
+    resumed = lora_model()
+    trainer_at(out, model=resumed, checkpoint_every=3).run(resume=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ckpt-000010",
+        "latest.json",
+        "metrics.jsonl",
+        "notes.txt",
+    ]
+    for name, value in final_params(straight).items():
+        np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))  # 7 was not logged twice
+
+
+@pytest.mark.parametrize("pointer", ["../victim", "/tmp", "ckpt-1", "ckpt-000001/../../victim"])
+def test_latest_json_cannot_point_outside_the_run(tmp_path, pointer):
+    """A hand-edited latest.json is refused, with and without --resume; nothing outside
+    the run folder is read or deleted."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    trainer_at(out, steps=2).run()
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    (out / "latest.json").write_text(json.dumps({"checkpoint": pointer, "step": 2}))
+    with pytest.raises(ValueError, match="names checkpoint"):
+        trainer_at(out, steps=2).run(resume=True)
+    with pytest.raises(ValueError, match="holds a previous run"):
+        trainer_at(out, steps=2, checkpoint_every=1).save_checkpoint()
+    overwriting = Trainer(lora_model(), ShiftTask(), config(2), out, False, overwrite=True)
+    overwriting.run()  # replaces the run: removes our names only, follows no pointer
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("changed", "says"),
+    [
+        (dict(lr=2e-2), "train.lr 0.01 -> 0.02"),
+        (dict(seed=6), "train.seed 5 -> 6"),
+        (dict(steps=12), "train.steps 10 -> 12"),
+    ],
+)
+def test_resume_with_other_settings_is_refused(tmp_path, changed, says):
+    trainer_at(tmp_path, checkpoint_every=2).run(until=4)
+    with pytest.raises(ValueError, match=f"other settings: {says}"):
+        trainer_at(tmp_path, **changed).run(resume=True)
+    trainer_at(tmp_path, eval_every=2).run(resume=True)  # intervals do not change the result
+
+
+def test_resume_with_another_lora_config_is_refused(tmp_path):
+    settings = {"lora": {"alpha": 4.0}}
+    Trainer(lora_model(), ShiftTask(), config(4), tmp_path, False, settings).run(until=2)
+    other = {"lora": {"alpha": 256.0}}
+    with pytest.raises(ValueError, match=r"lora.alpha 4.0 -> 256.0"):
+        Trainer(lora_model(), ShiftTask(), config(4), tmp_path, False, other).run(resume=True)
+
+
+def test_a_finished_run_is_not_replaced_silently(tmp_path):
+    trainer_at(tmp_path, steps=2).run()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="holds a previous run.*--overwrite"):
+        trainer_at(tmp_path, steps=2).run()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    Trainer(lora_model(), ShiftTask(), config(3), tmp_path, False, overwrite=True).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # only the new run's rows
+
+
+def test_an_exploding_loss_stops_and_says_so_truthfully(tmp_path):
+    """Full fine-tuning at lr 9.99: stopped with the step named, well before NaN, and
+    the message says no checkpoint exists (none was written)."""
+    model = ml.GPT(SMALL)
+    trainer = trainer_at(tmp_path, steps=30, model=model, lr=9.99, warmup=0)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+.*no checkpoint was written"):
+        trainer.run()
+    assert not (tmp_path / "latest.json").exists()
+
+
+def test_a_huge_alpha_is_a_divergence_not_a_warning(tmp_path):
+    """alpha 1e30 overflows the gradient norm: a clear stop, not zeroed gradients and a
+    RuntimeWarning."""
+    model = ml.GPT(SMALL)
+    ml.add_adapter(model, ml.LoraConfig(r=2, alpha=1e30, target_modules=("q", "v")))
+    ml.AdamW(model)  # the optimizer is not the issue
+    with pytest.raises(TrainingDiverged, match="diverged at step"):
+        trainer_at(None, steps=5, model=model).run()
+
+
+def test_batch_size_beyond_memory_fails_before_allocating():
+    with pytest.raises(ValueError, match=r"batch_size=100000000 needs about .* GB"):
+        trainer_at(None, model=lora_model(), batch_size=100_000_000)
