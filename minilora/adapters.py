@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from minilora.backend import require_memory, to_host
-from minilora.checks import positive_int, real
+from minilora.checks import non_negative_int, positive_int, real
 from minilora.lora import (
     TARGET_MODULES,
     Adapter,
@@ -127,7 +127,7 @@ def add_adapter(
         n_new * (8 + model.dtype.itemsize), f"LoRA r={config.r} on {len(modules)} matrices"
     )
     fingerprint = model.base_fingerprint()  # before PiSSA rewrites W
-    seed = model.seed if seed is None else seed
+    seed = model.seed if seed is None else non_negative_int("seed", seed)
     rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
     for module in modules:
         d_out, d_in = model.params[f"{module}.weight"].shape

@@ -44,6 +44,43 @@ BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
+# The JSON files, field by field: name -> (allowed types, required). Exact types: JSON
+# true is not a number, and a string is not a list.
+ADAPTER_FIELDS = {
+    "minilora_version": ((str,), False),
+    "adapter_name": ((str,), False),
+    "lora_config": ((dict,), True),
+    "base_config": ((dict,), True),
+    "base_fingerprint": ((str,), True),
+    "residual_fingerprint": ((str, type(None)), False),
+    "dtype": ((str,), False),
+}
+MODEL_FIELDS = {
+    "minilora_version": ((str,), False),
+    "gpt_config": ((dict,), True),
+    "dtype": ((str,), False),
+    "merged_adapters": ((list,), False),
+    "extra": ((dict,), False),
+}
+
+
+def _read_fields(path: Path, fields: dict[str, tuple[tuple[type, ...], bool]]) -> dict:
+    """Load a JSON object and check every field against ``fields`` before anything uses it."""
+    meta = load_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a minilora file (a JSON object with {sorted(fields)})")
+    unknown = sorted(set(meta) - set(fields))
+    missing = sorted(k for k, (_, required) in fields.items() if required and k not in meta)
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown fields {unknown}, missing fields {missing}")
+    for key, value in meta.items():
+        types = fields[key][0]
+        if type(value) not in types:
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{path}: {key}={value!r}; allowed: {allowed}")
+    return meta
+
+
 # ------------------------------------------------------------------------ adapters
 def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default") -> dict:
     """Write adapter ``name``'s A and B and its config to ``directory``.
@@ -94,10 +131,7 @@ def load_adapter(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"adapter directory {str(directory)!r} does not exist")
-    meta = load_json(directory / ADAPTER_CONFIG)
-    required = ("lora_config", "base_config", "base_fingerprint")
-    if not isinstance(meta, dict) or any(k not in meta for k in required):
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: not a minilora adapter config")
+    meta = _read_fields(directory / ADAPTER_CONFIG, ADAPTER_FIELDS)
     config = LoraConfig.from_dict(meta["lora_config"])
     if meta["base_config"] != model.config.to_dict():
         raise ValueError(
@@ -133,8 +167,10 @@ def load_adapter(
                     f"{directory}: {module}.lora_{key} has shape {array.shape} and dtype "
                     f"{array.dtype}; expected a float array of shape {shape}"
                 )
-            if not np.isfinite(array).all():
-                raise ValueError(f"{directory}: {module}.lora_{key} contains NaN or inf")
+            if not np.isfinite(array.astype(model.dtype)).all():
+                raise ValueError(
+                    f"{directory}: {module}.lora_{key} contains NaN or inf (as {model.dtype.name})"
+                )
         factors[module] = (A, B)
     split = pissa_split(model, modules, config) if config.init == "pissa" else {}
     if split:  # the same SVD of the same W gives the same residual: check that it does
@@ -183,12 +219,8 @@ def load_model(
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"model directory {str(directory)!r} does not exist")
-    meta = load_json(directory / MODEL_CONFIG)
-    if not isinstance(meta, dict) or "gpt_config" not in meta:
-        raise ValueError(f"{directory / MODEL_CONFIG}: not a minilora model config")
+    meta = _read_fields(directory / MODEL_CONFIG, MODEL_FIELDS)
     config = GPTConfig.from_dict(meta["gpt_config"])
-    if not isinstance(meta.get("extra", {}), dict):
-        raise ValueError(f"{directory / MODEL_CONFIG}: extra must be an object")
     tensors, _ = load_safetensors(directory / MODEL_WEIGHTS)
     # Compare the file with the config before the model is built: a config that claims
     # more (or other) weights than the file holds must not allocate them first.

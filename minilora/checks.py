@@ -39,9 +39,18 @@ def real(name: str, value: Any) -> float:
     """A finite real number (bool not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an integer beyond float's range
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name}={_short(value)} must be a finite number")
+    return as_float
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def positive_real(name: str, value: Any) -> float:

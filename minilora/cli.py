@@ -19,7 +19,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit 2 (argparse prints the usage too)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"minilora {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        command = self.prog.split()[-1]  # "minilora" for the top-level parser itself
+        prefix = "minilora" if command == "minilora" else f"minilora {command}"
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 

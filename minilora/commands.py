@@ -11,6 +11,7 @@ from typing import Any
 from minilora import checkpoints, params
 from minilora.adapters import add_adapter, merge, set_adapter
 from minilora.checkpoints import load_base
+from minilora.checks import one_of
 from minilora.data import CharTokenizer, TextFileTask, get_task
 from minilora.demo import run_demo
 from minilora.gradcheck import format_report
@@ -21,6 +22,7 @@ from minilora.planted import PlantedRankTask
 from minilora.runfolder import RunFolder
 from minilora.train import TrainConfig, Trainer
 
+FINETUNE_TASKS = ("shift", "rot", "planted")
 PRODUCT_FILES = {
     "adapter": (checkpoints.ADAPTER_CONFIG, checkpoints.ADAPTER_WEIGHTS),
     "model": (checkpoints.MODEL_CONFIG, checkpoints.MODEL_WEIGHTS),
@@ -129,6 +131,7 @@ def finetune(args: Namespace) -> int:
             f"--task {args.task} and --text {args.text} both given: --text fine-tunes on the "
             "file instead of a built-in task; give one of them"
         )
+    one_of("--task", args.task or "shift", FINETUNE_TASKS)  # a text file comes with --text
     out = Path(args.out)
     _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"))
     model, tokenizer = load_base(args.base, args.device)

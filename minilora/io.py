@@ -162,6 +162,8 @@ def load_json(path: PathLike) -> Any:
         raise ValueError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from None
+    except RecursionError:  # "[[[[..." nested deeper than Python's stack
+        raise ValueError(f"{path}: JSON nested too deeply to be a minilora file") from None
 
 
 # --------------------------------------------------------------------------- safetensors: write
@@ -329,6 +331,8 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
         ) from None
     except ValueError as err:  # from _reject_duplicates
         raise ValueError(f"{path}: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: header JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
 

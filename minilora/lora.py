@@ -250,8 +250,11 @@ class LoraConfig:
     def from_dict(cls, d: Any) -> LoraConfig:
         """The inverse of :meth:`to_dict`; every field is checked as in the constructor."""
         known = sorted(cls.__dataclass_fields__)
-        if not isinstance(d, dict) or set(d) - set(known):
-            raise ValueError(f"not a LoRA config: {d!r}; allowed keys: {known}")
+        if not isinstance(d, dict) or set(d) != set(known):
+            raise ValueError(f"not a LoRA config: {d!r}; it needs exactly the keys {known}")
+        for key in ("target_modules", "layers"):  # a file's "qv" is not the list ["q", "v"]
+            if not isinstance(d[key], list) and not (key == "layers" and d[key] is None):
+                raise TypeError(f"LoRA config {key}={d[key]!r} must be a list")
         return cls(**d)
 
 

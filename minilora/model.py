@@ -515,6 +515,7 @@ class GPT:
         if top_k is not None and not 1 <= positive_int("top_k", top_k) <= V:
             raise ValueError(f"top_k={top_k!r} must be an integer in 1..{V} or None")
         out = to_host(self._as_ids(idx, "idx", any_length=True)).copy()
+        require_memory(out.shape[0] * (out.shape[1] + max_new_tokens) * 8, "the generated ids")
         rng = host_rng(seed)
         for _ in range(max_new_tokens):
             context = out[:, -self.config.block_size :]
@@ -564,8 +565,9 @@ class GPT:
                     f"{name}: shape {value.shape} does not match the model's "
                     f"{self.params[name].shape}"
                 )
+            value = value.astype(self.dtype)  # 1e300 is finite in float64, not in float32
             if not np.isfinite(value).all():
-                raise ValueError(f"{name} contains NaN or inf; weights must be finite")
+                raise ValueError(f"{name} contains NaN or inf (as {self.dtype.name})")
             host[name] = value
         for name, value in host.items():
             self.params[name][...] = self.backend.asarray(value, dtype=self.dtype)

@@ -210,11 +210,14 @@ class Trainer:
                 f"match this model's {len(self.model.trainable_names())} (other adapter or mode?)"
             )
         for name, value in params.items():
-            if value.shape != self.model.params[name].shape or not np.isfinite(value).all():
+            if value.shape != self.model.params[name].shape:
                 raise ValueError(
-                    f"{folder}: {name} has shape {value.shape} (model: "
-                    f"{self.model.params[name].shape}) or holds NaN or inf"
+                    f"{folder}: {name} has shape {value.shape}, model has "
+                    f"{self.model.params[name].shape}"
                 )
+        for name, value in tensors.items():
+            if not np.isfinite(value.astype(self.model.dtype)).all():
+                raise ValueError(f"{folder}: {name} holds NaN or inf")
         opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
         opt.update(t=meta["opt_t"], lr=self.cfg.lr)
         self.opt.load_state_dict(opt)
