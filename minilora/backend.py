@@ -168,6 +168,13 @@ def scatter_add(target: Any, indices: Any, values: Any) -> None:
         np.add.at(target, indices, values)
 
 
+def finite_as(host_array: np.ndarray, dtype: Any) -> bool:
+    """True if every value stays finite once cast to ``dtype`` (1e300 is finite in
+    float64, inf in float32); the cast's overflow is the answer, not a warning."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.asarray(host_array).astype(dtype)).all())
+
+
 def host_rng(seed: int) -> np.random.Generator:
     """NumPy's seeded PCG64 generator, used for anything that must match across devices."""
     return np.random.default_rng(seed)

@@ -29,7 +29,7 @@ from minilora.adapters import (
     pissa_split,
     require_unmerged,
 )
-from minilora.backend import to_host
+from minilora.backend import finite_as, to_host
 from minilora.data import CharTokenizer
 from minilora.io import load_json, load_safetensors, save_json, save_safetensors
 from minilora.lora import LoraConfig, lora_names
@@ -167,7 +167,7 @@ def load_adapter(
                     f"{directory}: {module}.lora_{key} has shape {array.shape} and dtype "
                     f"{array.dtype}; expected a float array of shape {shape}"
                 )
-            if not np.isfinite(array.astype(model.dtype)).all():
+            if not finite_as(array, model.dtype):
                 raise ValueError(
                     f"{directory}: {module}.lora_{key} contains NaN or inf (as {model.dtype.name})"
                 )

@@ -36,7 +36,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from minilora.backend import get_backend, host_rng, require_memory, resolve_dtype, to_host
+from minilora.backend import (
+    finite_as,
+    get_backend,
+    host_rng,
+    require_memory,
+    resolve_dtype,
+    to_host,
+)
 from minilora.checks import non_negative_int, positive_int, positive_real, probability
 from minilora.layers import (
     IGNORE_INDEX,
@@ -565,8 +572,7 @@ class GPT:
                     f"{name}: shape {value.shape} does not match the model's "
                     f"{self.params[name].shape}"
                 )
-            value = value.astype(self.dtype)  # 1e300 is finite in float64, not in float32
-            if not np.isfinite(value).all():
+            if not finite_as(value, self.dtype):  # 1e300 is finite in float64, not float32
                 raise ValueError(f"{name} contains NaN or inf (as {self.dtype.name})")
             host[name] = value
         for name, value in host.items():

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import require_memory, to_host
+from minilora.backend import finite_as, require_memory, to_host
 from minilora.checks import non_negative_int, positive_int
 from minilora.data import Batch, answer_accuracy
 from minilora.layers import IGNORE_INDEX, cross_entropy_forward
@@ -216,7 +216,7 @@ class Trainer:
                     f"{self.model.params[name].shape}"
                 )
         for name, value in tensors.items():
-            if not np.isfinite(value.astype(self.model.dtype)).all():
+            if not finite_as(value, self.model.dtype):
                 raise ValueError(f"{folder}: {name} holds NaN or inf")
         opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
         opt.update(t=meta["opt_t"], lr=self.cfg.lr)

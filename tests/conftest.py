@@ -1,5 +1,8 @@
 """Shared fixtures and helpers (test modules import the helpers: ``from conftest import ...``)."""
 
+import contextlib
+import signal
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,11 @@ import minilora as ml
 from minilora.backend import to_host
 from minilora.gradcheck import relative_error
 from minilora.gradcheck_report import randomize_for_check
+
+try:
+    import resource
+except ImportError:  # not on Windows: the memory cap is then skipped
+    resource = None
 
 TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
 """The "tiny" reference configuration (DESIGN.md): gradient checks in float64."""
@@ -56,3 +64,50 @@ def token_batch(cfg, seed=0, B=3, T=8, ignore=0):
     targets = rng.integers(0, cfg.vocab_size, (B, T))
     targets[0, :ignore] = -1
     return idx, targets
+
+
+# ------------------------------------------------- a guard for inputs that take sizes on trust
+HEADROOM = 2 << 30  # bytes of address space a guarded call may add before MemoryError
+
+
+class Stalled(BaseException):
+    """A guarded call still running after its time: a size taken on trust. A
+    BaseException, so that no ``except Exception`` in the code under test swallows it."""
+
+
+def _vm_size():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def guarded(seconds: float):
+    """Raise Stalled after ``seconds``, and cap the address space at HEADROOM above now
+    (Linux), so that a request for terabytes fails fast instead of taking the machine."""
+
+    def on_alarm(signum, frame):
+        raise Stalled(f"still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old_limit, size = None, _vm_size()
+    if resource is not None and size is not None:
+        old_limit = resource.getrlimit(resource.RLIMIT_AS)
+        soft, hard = size + HEADROOM, old_limit[1]
+        if hard == resource.RLIM_INFINITY or soft <= hard:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        else:
+            old_limit = None
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
