@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minilora import bench_report
 from minilora.backend import DeviceUnavailableError
 
 EXIT_USAGE = 2
@@ -189,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  minilora gradcheck\n",
     )
     _common(p)
+
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory: LoRA vs full fine-tuning, minilora vs PyTorch",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora bench\n"
+        "  minilora bench --config medium --json benchmarks/results-cpu.json\n"
+        "  minilora bench --quick --no-torch",
+    )
+    _common(p)
+    bench_report.add_arguments(p)
     return parser
 
 

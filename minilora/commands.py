@@ -8,7 +8,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from minilora import checkpoints, params
+from minilora import bench_report, checkpoints, params
 from minilora.adapters import add_adapter, merge, set_adapter
 from minilora.checkpoints import load_base
 from minilora.checks import one_of
@@ -245,4 +245,5 @@ COMMANDS = {
     "generate": generate,
     "params": params_command,
     "gradcheck": gradcheck_command,
+    "bench": bench_report.run,
 }

@@ -5,7 +5,6 @@ names, the (d_out, d_in) layout, the tied head, tanh GELU, LayerNorm eps = 1e-5 
 the LoRA scale/dropout placement mean what DESIGN.md says. Skipped without torch.
 """
 
-import math
 import os
 
 import numpy as np
@@ -14,42 +13,12 @@ from conftest import random_model
 from conftest import rel_error as rel
 
 import minilora as ml
+from minilora.torch_reference import lora_branches, to_torch_state, torch_forward, torch_loss
 
 if os.environ.get("MINILORA_REQUIRE_REFERENCE") == "1":
     import torch  # CI installs the `ref` extra: a missing reference must fail, not skip
 else:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed (the `ref` extra)")
-F = torch.nn.functional
-
-
-def torch_forward(sd, cfg, idx, lora=None, masks=None):
-    """logits of the DESIGN.md GPT; ``lora``: {module: (A, B, scale)}; ``masks``: dropout."""
-    B, T = idx.shape
-    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
-    H, C = cfg.n_head, cfg.d_model
-
-    def linear(module, x):
-        y = x @ sd[f"{module}.weight"].T + sd[f"{module}.bias"]
-        if lora and module in lora:
-            A, Bm, s = lora[module]
-            xd = x * masks[module] if masks else x
-            y = y + s * (xd @ A.T) @ Bm.T
-        return y
-
-    for i in range(cfg.n_layer):
-        h = f"h.{i}"
-        a = F.layer_norm(x, (C,), sd[f"{h}.ln_1.weight"], sd[f"{h}.ln_1.bias"], eps=1e-5)
-        q, k, v = (linear(f"{h}.attn.{t}", a) for t in "qkv")
-        q, k, v = (z.view(B, T, H, C // H).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
-        att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-        x = x + linear(f"{h}.attn.o", y)
-        m = F.layer_norm(x, (C,), sd[f"{h}.ln_2.weight"], sd[f"{h}.ln_2.bias"], eps=1e-5)
-        m = F.gelu(linear(f"{h}.mlp.fc", m), approximate="tanh")
-        x = x + linear(f"{h}.mlp.proj", m)
-    x = F.layer_norm(x, (C,), sd["ln_f.weight"], sd["ln_f.bias"], eps=1e-5)
-    return x @ sd["wte.weight"].T
 
 
 def test_full_model_matches_torch(tiny_config):
@@ -60,11 +29,9 @@ def test_full_model_matches_torch(tiny_config):
     loss = model.loss(idx, targets)
     model.backward()
 
-    sd = {n: torch.tensor(v, requires_grad=True) for n, v in model.state_dict().items()}
+    sd = to_torch_state(model.state_dict(), requires_grad=True)
     logits = torch_forward(sd, tiny_config, torch.tensor(idx))
-    ref_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1)
-    )
+    ref_loss = torch_loss(logits, torch.tensor(targets))
     ref_loss.backward()
 
     assert rel(model.forward(idx), logits.detach().numpy()) < 1e-12
@@ -98,7 +65,7 @@ def test_lora_gradients_match_torch(tiny_config, monkeypatch):
     monkeypatch.undo()
     model.backward()
 
-    sd = {n: torch.tensor(v, requires_grad=True) for n, v in model.state_dict().items()}
+    sd = to_torch_state(model.state_dict(), requires_grad=True)
     modules = [
         m
         for i in range(tiny_config.n_layer)
@@ -111,15 +78,11 @@ def test_lora_gradients_match_torch(tiny_config, monkeypatch):
             f"h.{i}.mlp.proj",
         )
     ]
-    lora = {
-        m: (sd[f"{m}.lora_A.default"], sd[f"{m}.lora_B.default"], lcfg.alpha / lcfg.r)
-        for m in modules
-    }
+    lora = lora_branches(sd, lcfg.alpha / lcfg.r)
+    assert list(lora) == modules  # the masks below are matched to modules in this order
     torch_masks = {m: torch.tensor(masks[j]) for j, m in enumerate(modules)}
     logits = torch_forward(sd, tiny_config, torch.tensor(idx), lora, torch_masks)
-    ref = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1), ignore_index=-1
-    )
+    ref = torch_loss(logits, torch.tensor(targets), ignore_index=-1)
     ref.backward()
     assert abs(loss - ref.item()) < 1e-12
     assert sorted(model.grads) == sorted(n for n in sd if ".lora_" in n)

@@ -1,0 +1,255 @@
+"""``minilora bench``: the command line and the text table of bench.py's results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Any
+
+from minilora.bench import CONFIGS, FLOP_COUNT, MB, MODES, SETTLE_S, run_benchmark
+from minilora.io import save_json
+
+
+# ---------------------------------------------------------------------- the table
+def _table(rows: list[list[str]], align: str) -> list[str]:
+    """Aligned columns; ``align`` has one "<" or ">" per column."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with about three significant digits."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / MB:.2f}"
+
+
+def _training_lines(r: dict[str, Any]) -> list[str]:
+    tr, fl = r["training"], r["flops"]
+    mini = tr["minilora"]
+    rows = [["training step, median ms", "full", "LoRA", "LoRA/full"]]
+    rows.append(
+        [
+            "minilora",
+            _ms(mini["full"]["median_ms"]),
+            _ms(mini["lora"]["median_ms"]),
+            f"{tr['lora_over_full']:.2f}",
+        ]
+    )
+    if tr["torch"]:
+        t, ratio = tr["torch"], tr["minilora_over_torch"]
+        rows.append(
+            [
+                f"PyTorch eager, {r['torch']['threads']} threads",
+                _ms(t["full"]["median_ms"]),
+                _ms(t["lora"]["median_ms"]),
+                f"{tr['torch_lora_over_full']:.2f}",
+            ]
+        )
+        rows.append(["minilora / PyTorch", f"{ratio['full']:.2f}", f"{ratio['lora']:.2f}", ""])
+    else:
+        rows.append(["PyTorch", "-", "-", ""])
+    gflop = {mode: fl[mode]["total"] / 1e9 for mode in MODES}
+    rows.append(["GFLOP per step", f"{gflop['full']:.3g}", f"{gflop['lora']:.3g}", ""])
+    ach = fl["achieved_gflops"]
+    rows.append(["achieved GFLOP/s", f"{ach['full']:.1f}", f"{ach['lora']:.1f}", ""])
+    if fl["fraction_of_matmul"]:
+        frac = fl["fraction_of_matmul"]
+        rows.append(
+            ["  of the matmul rate", f"{100 * frac['full']:.0f}%", f"{100 * frac['lora']:.0f}%", ""]
+        )
+    lines = _table(rows, "<>>>")
+    if r["torch"].get("max_abs_logit_diff"):
+        d = r["torch"]["max_abs_logit_diff"]
+        lines.append(
+            f"same weights in PyTorch: max |logit difference| {d['full']:.1e} (full), "
+            f"{d['lora']:.1e} (LoRA)"
+        )
+    elif not r["torch"]["available"]:
+        lines.append(f"PyTorch not compared: {r['torch'].get('reason', '')}")
+    return lines
+
+
+def _forward_lines(fwd: dict[str, Any]) -> list[str]:
+    rows = [["forward only, median ms", "ms", "/ base"]]
+    rows.append(["base", _ms(fwd["base"]["median_ms"]), "1.000"])
+    for key, label in (("unmerged", "LoRA unmerged"), ("merged", "LoRA merged")):
+        rows.append([label, _ms(fwd[f"lora_{key}"]["median_ms"]), f"{fwd[f'{key}_over_base']:.3f}"])
+    return _table(rows, "<>>")
+
+
+def _memory_lines(mem: dict[str, Any]) -> list[str]:
+    full, lora_ = mem["full"], mem["lora"]
+    rows = [[f"memory of a step, MB ({mem['method']})", "full", "predicted", "LoRA", "predicted"]]
+    for key in ("weights", "gradients", "optimizer", "activations"):
+        rows.append(
+            [
+                key,
+                _mb(full[key]),
+                _mb(full["predicted"][key]),
+                _mb(lora_[key]),
+                _mb(lora_["predicted"][key]),
+            ]
+        )
+    rows.append(
+        [
+            "peak (total)",
+            _mb(full["peak"]),
+            _mb(full["predicted"]["total"]),
+            _mb(lora_["peak"]),
+            _mb(lora_["predicted"]["total"]),
+        ]
+    )
+    s = mem["saving"]
+    return _table(rows, "<>>>>") + [
+        f"LoRA saves {_mb(s['measured'])} MB of gradients + optimizer state: "
+        f"{100 * s['fraction']:.1f}% of the theoretical {_mb(s['theoretical'])} MB "
+        f"(peak: {_mb(s['peak'])} MB lower)"
+    ]
+
+
+def _ops_lines(ops: dict[str, Any]) -> list[str]:
+    head = ["where the time goes, ms/step", "full fwd", "bwd", "total", "share"]
+    rows = [head + ["LoRA fwd", "bwd", "total", "share"]]
+    by_op = {mode: {o["op"]: o for o in ops[mode]["ops"]} for mode in MODES}
+    order = [o["op"] for o in ops["full"]["ops"]]
+    order += [op for op in by_op["lora"] if op not in order]
+    for op in order:
+        cells = [op]
+        for mode in MODES:
+            o = by_op[mode].get(op)
+            if o is None:
+                cells += ["", "", "-", ""]
+                continue
+            if op in ("adamw", "other"):  # not a forward/backward pair: one number
+                cells += ["", "", _ms(o["total_ms"])]
+            else:
+                cells += [_ms(o["forward_ms"]), _ms(o["backward_ms"]), _ms(o["total_ms"])]
+            cells.append(f"{100 * o['share']:.1f}%")
+        rows.append(cells)
+    step = {mode: _ms(ops[mode]["step_ms"]) for mode in MODES}
+    rows.append(["step, instrumented", "", "", step["full"], "", "", "", step["lora"], ""])
+    return _table(rows, "<" + ">" * 8)
+
+
+def format_config(name: str, r: dict[str, Any]) -> list[str]:
+    """The lines of one configuration's part of the table."""
+    c = r["config"]
+    title = (
+        f"== {name}: batch {c['batch_size']}, seq {c['block_size']}, d_model {c['d_model']}, "
+        f"{c['n_layer']} layers, {c['n_head']} heads, vocab {c['vocab_size']} "
+        f"({c['tokens']:,} tokens per step)"
+    )
+    return [
+        title,
+        *_training_lines(r),
+        "",
+        *_forward_lines(r["forward"]),
+        "",
+        *_memory_lines(r["memory"]),
+        "",
+        *_ops_lines(r["ops"]),
+    ]
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The whole :func:`run_benchmark` result as one text table."""
+    meta, s, mm = results["meta"], results["settings"], results["matmul"]
+    blas = meta["blas"]
+    threads = f"{blas['threads']} threads" if blas.get("threads") else blas.get("device", "")
+    lib = f"NumPy {meta['numpy']}" + (f", CuPy {meta['cupy']}" if meta.get("cupy") else "")
+    lines = [
+        f"minilora bench  {meta['date']}  device {meta['device']}, "
+        f"{meta['machine']['usable_cores']} cores",
+        f"{lib}, BLAS {blas['library']}, {threads} ({blas['source']})",
+        f"PyTorch {meta['torch'] or 'not installed'}, Python {meta['python']}",
+        f"{s['dtype']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']:g} on "
+        f"{','.join(s['lora']['target_modules'])}, {s['optimizer']}",
+        f"medians of {s['steps']} steps after {s['warmup']} warm-up, runs alternating"
+        + (f", {SETTLE_S} s idle before each with PyTorch" if s["torch"] and not s["quick"] else "")
+        + ("; BUSY: a helper process keeps one core busy" if s["busy"] else ""),
+        f"matmul rate: ({mm['n']}, {mm['n']}) float32 product, best {_ms(mm['best_ms'])} ms "
+        f"= {mm['gflops']:.1f} GFLOP/s (median {mm['median_gflops']:.1f})",
+        f"load average (1, 5, 15 min) before {meta['load_average']}, "
+        f"after {meta.get('load_average_after')}",
+        "",
+    ]
+    for name, r in results["configs"].items():
+        lines += format_config(name, r)
+        lines.append("")
+    notes = (
+        "FLOPs: "
+        + FLOP_COUNT
+        + " Memory: peak during one step; activations = peak - weights - gradients - "
+        "optimizer state. Op times are self times (callees excluded); 'other' is the "
+        "model's own lines (gradient sums, embedding add, id checks)."
+    )
+    return "\n".join(lines + textwrap.wrap(notes, 100))
+
+
+# ------------------------------------------------------------------- command line
+def _add_once(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the parser has it already (cli.py's shared --device, --seed)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``minilora bench`` (and of benchmarks/bench.py)."""
+    parser.add_argument(
+        "--config",
+        action="append",
+        choices=CONFIGS,
+        default=None,
+        help="reference configuration, repeatable (default: small and medium on the cpu, "
+        "large on the gpu; tiny with --quick)",
+    )
+    _add_once(
+        parser,
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="cpu (NumPy) or gpu (CuPy); default $MINILORA_DEVICE or cpu",
+    )
+    _add_once(parser, "--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (default 2)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results")
+    parser.add_argument(
+        "--busy", action="store_true", help="measure while a helper process keeps a core busy"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument(
+        "--quick", action="store_true", help="a fast pass: tiny config, 2 steps, 1 warm-up"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``minilora bench``: measure, print the table, write --json if asked."""
+    steps, warmup = args.steps, args.warmup
+    if args.quick:
+        steps, warmup = min(steps, 2), min(warmup, 1)
+    results = run_benchmark(
+        configs=args.config,
+        device=args.device,
+        seed=args.seed,
+        steps=steps,
+        warmup=warmup,
+        busy=args.busy,
+        use_torch=not args.no_torch,
+        quick=args.quick,
+        log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
+    )
+    print(format_results(results))
+    if args.json:
+        save_json(args.json, results)
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,160 @@
+"""An independent implementation of the same GPT in PyTorch, for checks and benchmarks.
+
+It shares no code with the NumPy model: it reads a minilora state dict (DESIGN.md
+names, (d_out, d_in) weights, head tied to ``wte``), builds torch tensors from it and
+runs the architecture written out with torch's own layer norm, tanh GELU, softmax and
+autograd. ``tests/test_torch_reference.py`` compares logits, loss and every gradient
+against it; ``bench.py`` times its training step next to minilora's.
+
+PyTorch is optional (the ``ref`` extra): this module imports without it, and torch is
+imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from minilora.backend import to_host
+
+Tensor = Any  # a torch.Tensor (torch is imported lazily)
+
+
+def torch_available() -> tuple[bool, str]:
+    """(True, version) when PyTorch imports, else (False, the reason)."""
+    try:
+        import torch
+    except ImportError as err:
+        return False, f"PyTorch is not installed ({err}); pip install -e '.[ref]'"
+    return True, torch.__version__
+
+
+def to_torch_state(
+    state: Mapping[str, Any],
+    requires_grad: bool | Iterable[str] = False,
+    dtype: Any = None,
+    device: str = "cpu",
+) -> dict[str, Tensor]:
+    """Torch copies of a minilora state dict, name by name (host or device arrays in).
+
+    ``requires_grad``: True for every tensor, or the names that should receive
+    gradients (the LoRA A and B for a LoRA step). ``dtype``: a torch dtype, default
+    the arrays' own (float32 stays float32, float64 stays float64).
+    """
+    import torch
+
+    wanted = set(state) if requires_grad is True else set(requires_grad or ())
+    out = {}
+    for name, value in state.items():
+        t = torch.tensor(np.ascontiguousarray(to_host(value)), dtype=dtype, device=device)
+        out[name] = t.requires_grad_(name in wanted)
+    return out
+
+
+def lora_modules(state: Mapping[str, Any], adapter: str = "default") -> list[str]:
+    """The modules that carry adapter ``adapter`` ("h.0.attn.q", ...), in state order."""
+    marker = f".lora_A.{adapter}"
+    return [name[: -len(marker)] for name in state if name.endswith(marker)]
+
+
+def lora_branches(
+    sd: Mapping[str, Tensor], scale: float, adapter: str = "default"
+) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{module: (A, B, s)} for every module of ``adapter`` in the torch state ``sd``."""
+    return {
+        m: (sd[f"{m}.lora_A.{adapter}"], sd[f"{m}.lora_B.{adapter}"], scale)
+        for m in lora_modules(sd, adapter)
+    }
+
+
+def torch_forward(
+    sd: Mapping[str, Tensor],
+    cfg: Any,
+    idx: Tensor,
+    lora: Mapping[str, tuple[Tensor, Tensor, float]] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Logits (B, T, V) of the DESIGN.md GPT for ids ``idx`` (B, T), in torch.
+
+    ``sd``: torch state (:func:`to_torch_state`); ``cfg``: anything with ``n_layer``,
+    ``n_head``, ``d_model`` (a GPTConfig). ``lora``: {module: (A, B, s)} adds
+    s (D(x) A^T) B^T to that linear; ``masks``: {module: dropout multiplier} for D
+    (absent: no dropout). Base dropout is not modelled (the references use 0).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    B, T = idx.shape
+    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
+    H, C = cfg.n_head, cfg.d_model
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
+
+    def linear(module: str, x: Tensor) -> Tensor:
+        y = x @ sd[f"{module}.weight"].T + sd[f"{module}.bias"]
+        if lora and module in lora:
+            A, Bm, s = lora[module]
+            xd = x * masks[module] if masks else x
+            y = y + s * (xd @ A.T) @ Bm.T
+        return y
+
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        a = F.layer_norm(x, (C,), sd[f"{h}.ln_1.weight"], sd[f"{h}.ln_1.bias"], eps=1e-5)
+        q, k, v = (linear(f"{h}.attn.{t}", a) for t in "qkv")
+        q, k, v = (z.view(B, T, H, C // H).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        att = att.masked_fill(future, float("-inf"))
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + linear(f"{h}.attn.o", y)
+        m = F.layer_norm(x, (C,), sd[f"{h}.ln_2.weight"], sd[f"{h}.ln_2.bias"], eps=1e-5)
+        m = F.gelu(linear(f"{h}.mlp.fc", m), approximate="tanh")
+        x = x + linear(f"{h}.mlp.proj", m)
+    x = F.layer_norm(x, (C,), sd["ln_f.weight"], sd["ln_f.bias"], eps=1e-5)
+    return x @ sd["wte.weight"].T
+
+
+def torch_loss(logits: Tensor, targets: Tensor, ignore_index: int = -1) -> Tensor:
+    """Mean cross-entropy over counted positions (targets == ignore_index do not count)."""
+    import torch.nn.functional as F
+
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def torch_training_step(
+    state: Mapping[str, Any],
+    cfg: Any,
+    lora_scale: float | None = None,
+    lr: float = 1e-3,
+    device: str = "cpu",
+) -> tuple[Callable[[Any, Any], float], dict[str, Tensor]]:
+    """A PyTorch eager training step on a copy of ``state``: forward, loss, backward, AdamW.
+
+    Full fine-tuning (``lora_scale`` None) trains every tensor; LoRA (``lora_scale`` =
+    s) trains only the ``lora_A`` / ``lora_B`` tensors of adapter "default", as
+    minilora does. AdamW has minilora's defaults (betas 0.9, 0.999, eps 1e-8, weight
+    decay 0). Returns (step, sd): ``step(idx, targets)`` takes host integer arrays and
+    returns the loss; ``sd`` is the live torch state.
+    """
+    import torch
+
+    trainable = [n for n in state if lora_scale is None or ".lora_" in n]
+    sd = to_torch_state(state, requires_grad=trainable, device=device)
+    lora = None if lora_scale is None else lora_branches(sd, lora_scale)
+    opt = torch.optim.AdamW(
+        [sd[n] for n in trainable], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
+
+    def step(idx: Any, targets: Any) -> float:
+        ids = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=device)
+        tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)
+        loss = torch_loss(torch_forward(sd, cfg, ids, lora), tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # frees the gradients, as minilora's zero_grad
+        return float(loss.detach())
+
+    return step, sd

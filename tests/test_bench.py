@@ -1,0 +1,206 @@
+"""The benchmark's structure and arithmetic (never its speed: timings are results, not tests).
+
+One quick pass on the tiny configuration is shared by the tests that read its output.
+"""
+
+import argparse
+import json
+import multiprocessing
+
+import numpy as np
+import pytest
+
+from minilora import bench, bench_report
+from minilora import layers as layers_module
+from minilora import lora as lora_module
+from minilora import model as model_module
+from minilora.optim import AdamW
+from minilora.params import lora_parameter_count
+
+SECTIONS = ("config", "training", "forward", "memory", "flops", "ops", "torch")
+PARTS = ("weights", "gradients", "optimizer", "activations")
+
+
+@pytest.fixture(scope="module")
+def quick():
+    """A quick pass (tiny, 1 timed step), with PyTorch when it is installed."""
+    return bench.run_benchmark(configs=["tiny"], steps=1, warmup=0, quick=True)
+
+
+def _ops_in_namespaces():
+    return {
+        (module.__name__, attr): value
+        for module in bench.OP_MODULES
+        for attr, value in vars(module).items()
+        if bench._is_op(value)
+    }
+
+
+def test_results_have_every_section_and_are_json(quick):
+    assert set(quick) == {"meta", "settings", "matmul", "configs"}
+    assert {"date", "machine", "numpy", "blas", "torch"} <= set(quick["meta"])
+    assert quick["meta"]["blas"]["library"] and quick["meta"]["blas"]["source"]
+    r = quick["configs"]["tiny"]
+    assert set(SECTIONS) <= set(r)
+    for mode in bench.MODES:
+        assert r["training"]["minilora"][mode]["median_ms"] > 0
+        assert set(PARTS) | {"peak", "predicted"} <= set(r["memory"][mode])
+        assert r["flops"][mode]["total"] > 0
+        assert r["ops"][mode]["ops"]
+    assert {"base", "lora_unmerged", "lora_merged", "merged_over_base"} <= set(r["forward"])
+    assert r["config"]["tokens"] == 4 * 16
+    json.loads(json.dumps(quick, allow_nan=False))  # plain JSON: no NumPy types, no NaN
+
+
+def test_the_table_shows_each_part(quick):
+    text = bench_report.format_results(quick)
+    for words in ("training step", "forward only", "memory of a step", "where the time goes"):
+        assert words in text
+    assert "== tiny" in text and "matmul rate" in text
+
+
+def test_memory_parts_add_up_to_the_peak(quick):
+    for mode in bench.MODES:
+        m = quick["configs"]["tiny"]["memory"][mode]
+        assert sum(m[k] for k in PARTS) == m["peak"]
+        assert m["activations"] > 0
+        predicted = m["predicted"]
+        assert sum(predicted[k] for k in PARTS) == predicted["total"]
+
+
+def test_lora_keeps_far_less_gradient_and_optimizer_state(quick):
+    mem = quick["configs"]["tiny"]["memory"]
+    full = mem["full"]["gradients"] + mem["full"]["optimizer"]
+    lora = mem["lora"]["gradients"] + mem["lora"]["optimizer"]
+    assert lora < 0.2 * full
+    # exact: 4 bytes of gradient and 8 of AdamW moments per trainable float32 parameter
+    cfg, _ = bench.reference_config("tiny")
+    n_lora = lora_parameter_count(cfg.n_layer, cfg.d_model, 8, ("q", "k", "v", "o"))
+    assert mem["lora"]["gradients"] == 4 * n_lora
+    assert mem["lora"]["optimizer"] == 8 * n_lora
+    assert mem["full"]["gradients"] == mem["full"]["predicted"]["gradients"]
+    assert mem["saving"]["fraction"] == pytest.approx(1.0)
+
+
+def test_memory_report_arithmetic():
+    measured = {
+        "full": dict(weights=10, gradients=10, optimizer=20, activations=5, peak=45),
+        "lora": dict(weights=11, gradients=1, optimizer=2, activations=5, peak=19),
+    }
+    predicted = {
+        "full": dict(weights=10, gradients=10, optimizer=20, activations=3, total=43),
+        "lora": dict(weights=11, gradients=1, optimizer=1, activations=3, total=16),
+    }
+    report = bench.memory_report(measured, predicted, "test")
+    assert report["saving"]["measured"] == 27 and report["saving"]["theoretical"] == 28
+    assert report["saving"]["fraction"] == pytest.approx(27 / 28)
+    assert report["saving"]["peak"] == 26
+
+
+def test_flop_count_of_tiny_by_hand():
+    cfg, batch = bench.reference_config("tiny")  # V 65, d 32, 2 layers, T 16, batch 4
+    tokens = 4 * 16
+    # matrix weights: per block q, k, v, o (32 x 32) + fc, proj (128 x 32); head 65 x 32
+    matmul_params = 2 * (4 * 32 * 32 + 2 * 128 * 32) + 65 * 32
+    assert matmul_params == 26_656
+    attention = 12 * 2 * 16 * 32 * tokens  # 12 n_layer T d per token
+    full = bench.step_flops(cfg, batch, "full")
+    assert full["matmul_params"] == matmul_params
+    assert full["attention"] == attention == 786_432
+    assert full["total"] == 6 * matmul_params * tokens + attention == 11_022_336
+    lora_params = 2 * 4 * 8 * (32 + 32)  # A (8, 32) and B (32, 8) on q, k, v, o of 2 blocks
+    lora = bench.step_flops(cfg, batch, "lora")
+    assert lora["lora_params"] == lora_params == 4096
+    assert lora["total"] == 4 * matmul_params * tokens + 6 * lora_params * tokens + attention
+    assert lora["total"] == 9_183_232
+    base = bench.step_flops(cfg, batch, "base")
+    assert base["total"] == 2 * matmul_params * tokens + attention // 3
+
+
+def test_op_timer_times_the_ops_and_restores_them():
+    before = _ops_in_namespaces()
+    assert ("minilora.lora", "linear_forward") in before  # the LoRA layer's own lookups
+    assert ("minilora.layers", "softmax_forward") in before  # attention's
+    cfg, batch = bench.reference_config("tiny")
+    model = bench.build_model(cfg, "lora")
+    idx, targets = bench.make_batch(cfg, batch)
+    with bench.timed_ops() as times:
+        assert (
+            model_module.layer_norm_forward is not before[("minilora.model", "layer_norm_forward")]
+        )
+        model.loss(idx, targets)
+        model.backward()
+    assert _ops_in_namespaces() == before
+    ops = {op for op, _ in times.seconds}
+    assert {"linear", "lora", "lora_linear", "attention", "softmax", "layer_norm", "gelu"} <= ops
+    assert times.calls[("lora", "forward")] == 4 * cfg.n_layer  # q, k, v, o of every block
+
+
+def test_op_timer_restores_the_functions_when_a_step_raises():
+    before = _ops_in_namespaces()
+    cfg, batch = bench.reference_config("tiny")
+    model = bench.build_model(cfg, "full")
+    idx, targets = bench.make_batch(cfg, batch)
+    with pytest.raises(RuntimeError, match="boom"), bench.timed_ops():
+        model.loss(idx, targets)
+        raise RuntimeError("boom")
+    assert _ops_in_namespaces() == before
+    # an op that raises inside its wrapper: the error passes through, the originals return
+    with pytest.raises(ValueError), bench.timed_ops():
+        layers_module.linear_forward(np.ones((2, 3)), np.ones((4, 5)))
+    assert _ops_in_namespaces() == before
+    assert lora_module.linear_forward is layers_module.linear_forward
+
+
+def test_op_table_shares_add_up():
+    cfg, batch = bench.reference_config("tiny")
+    model = bench.build_model(cfg, "lora")
+    idx, targets = bench.make_batch(cfg, batch)
+    table = bench.op_table(model, AdamW(model), idx, targets, passes=1)
+    assert sum(o["share"] for o in table["ops"]) == pytest.approx(1.0)
+    assert sum(o["total_ms"] for o in table["ops"]) == pytest.approx(table["step_ms"])
+    assert {"adamw", "other", "lora"} <= {o["op"] for o in table["ops"]}
+
+
+def test_busy_helper_stops():
+    with bench.busy_core() as helper:
+        alive = [p for p in multiprocessing.active_children() if p.pid == helper["pid"]]
+        assert alive and alive[0].is_alive()
+    assert not [p for p in multiprocessing.active_children() if p.pid == helper["pid"]]
+
+
+def test_command_line_arguments():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default=None)  # cli.py's shared options may exist already
+    parser.add_argument("--seed", type=int, default=0)
+    bench_report.add_arguments(parser)
+    args = parser.parse_args(["--config", "small", "--config", "medium", "--json", "x.json"])
+    assert args.config == ["small", "medium"] and args.json == "x.json"
+    assert (args.steps, args.warmup, args.busy, args.no_torch, args.quick) == (
+        10,
+        2,
+        False,
+        False,
+        False,
+    )
+    fresh = argparse.ArgumentParser()
+    bench_report.add_arguments(fresh)
+    assert fresh.parse_args(["--device", "cpu", "--seed", "3"]).seed == 3
+
+
+def test_without_torch_the_section_says_why():
+    r = bench.bench_config("tiny", steps=1, warmup=0, use_torch=False, op_passes=1)
+    assert r["torch"]["available"] is False and r["torch"]["reason"] == "--no-torch"
+    assert r["training"]["torch"] is None
+
+
+def test_torch_model_matches_minilora_logits(quick):
+    pytest.importorskip("torch", reason="PyTorch is not installed (the `ref` extra)")
+    cfg, batch = bench.reference_config("tiny")
+    idx, _ = bench.make_batch(cfg, batch)
+    for mode in bench.MODES:
+        assert bench.torch_logit_difference(bench.build_model(cfg, mode), idx) < 1e-5
+    r = quick["configs"]["tiny"]
+    assert r["torch"]["available"]
+    assert max(r["torch"]["max_abs_logit_diff"].values()) < 1e-5
+    assert set(r["training"]["torch"]) == set(bench.MODES)
