@@ -7,6 +7,7 @@ A and B and nothing for W. That is the other half of LoRA's memory saving.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -129,10 +130,18 @@ class AdamW(Optimizer):
             p = self.model.params[name]
             slots = self._slots(name, p, ("m", "v"))
             m, v = slots["m"], slots["v"]
+            buf = xp.empty_like(p)  # one scratch array instead of a temporary per operation
             m *= self.b1
-            m += (1.0 - self.b1) * g
+            m += xp.multiply(g, 1.0 - self.b1, out=buf)
             v *= self.b2
-            v += (1.0 - self.b2) * (g * g)
+            xp.multiply(g, g, out=buf)
+            buf *= 1.0 - self.b2
+            v += buf
             if self._decays(name):
                 p -= self.lr * self.weight_decay * p
-            p -= (self.lr / correction1) * m / (xp.sqrt(v / correction2) + self.eps)
+            xp.sqrt(v, out=buf)  # the step m_hat / (sqrt(v_hat) + eps), as torch writes it:
+            buf *= 1.0 / math.sqrt(correction2)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+            buf += self.eps
+            xp.divide(m, buf, out=buf)
+            buf *= self.lr / correction1
+            p -= buf
