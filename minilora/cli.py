@@ -40,6 +40,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def _threads(p: argparse.ArgumentParser) -> None:
+    def threads(text: str) -> str | int:
+        if text == "auto":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or an integer") from None
+
+    p.add_argument(
+        "--threads",
+        type=threads,
+        default="auto",
+        help="BLAS threads while training: auto (measure 1 vs all cores, default) or N",
+    )
+
+
 def _base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
 
@@ -78,6 +95,7 @@ def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> 
         "--overwrite", action="store_true", help="replace a previous run in OUT (default: refuse)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     p.add_argument("--out", default="runs/demo", help="where the adapter goes (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads(p)
 
     p = sub.add_parser(
         "pretrain",

@@ -10,6 +10,7 @@ from typing import Any
 
 from minilora import bench_report, checkpoints, params
 from minilora.adapters import add_adapter, merge, set_adapter
+from minilora.blas import describe as describe_threads
 from minilora.checkpoints import load_base
 from minilora.checks import one_of
 from minilora.data import CharTokenizer, TextFileTask, get_task
@@ -106,8 +107,10 @@ def pretrain(args: Namespace) -> int:
         out / "train",
         progress=not args.quiet,
         settings=settings,
+        threads=args.threads,
     )
     trainer.run(resume=args.resume)
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
     last = trainer.last_validation
     info = checkpoints.save_model(
         model,
@@ -168,9 +171,11 @@ def finetune(args: Namespace) -> int:
         out / "train",
         progress=not args.quiet,
         settings=settings,
+        threads=args.threads,
     )
     before = trainer.validate() if not args.resume else None
     trainer.run(resume=args.resume)
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
     after = trainer.last_validation
     print(f"{mode}: {len(model.trainable_names())} trainable tensors")
     if before:

@@ -19,6 +19,7 @@ import numpy as np
 from minilora import checkpoints, params
 from minilora.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
 from minilora.backend import to_host
+from minilora.blas import describe as describe_threads
 from minilora.checkpoints import BUILTIN_BASE, load_base
 from minilora.data import get_task
 from minilora.lora import LoraConfig
@@ -101,10 +102,11 @@ def run_demo(args: Namespace) -> int:
         eval_size=256,
         seed=args.seed,
     )
-    trainer = Trainer(model, task, cfg, out_dir=None, progress=not args.quiet)
+    trainer = Trainer(model, task, cfg, out_dir=None, progress=not args.quiet, threads=args.threads)
     t0 = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - t0
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
     lora_metrics = evaluate(model, val)
     unmerged_logits = to_host(model.forward(val.idx))
     W0 = to_host(model.params["h.0.attn.q.weight"]).copy()

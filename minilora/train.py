@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from minilora.backend import finite_as, require_memory, to_host
+from minilora.blas import choose_threads, limited_threads
 from minilora.checks import non_negative_int, positive_int
 from minilora.data import Batch, answer_accuracy
 from minilora.layers import IGNORE_INDEX, cross_entropy_forward
@@ -133,7 +134,9 @@ class Trainer:
 
     ``settings``: whatever else decides the result (the LoRA config, the task, the
     base), stored with each checkpoint and compared on resume. ``overwrite``: replace
-    a previous run in ``out_dir`` instead of refusing to.
+    a previous run in ``out_dir`` instead of refusing to. ``threads``: BLAS threads
+    during training: None leaves the library's default, an integer fixes it, "auto"
+    measures (blas.py) before the first step; a resumed run reuses its recorded count.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class Trainer:
         progress: bool = True,
         settings: dict[str, Any] | None = None,
         overwrite: bool = False,
+        threads: int | str | None = None,
     ) -> None:
         if cfg.block_size > model.config.block_size:
             raise ValueError(
@@ -163,9 +167,15 @@ class Trainer:
         self.progress = progress
         self.settings = {"train": {k: asdict(cfg)[k] for k in RESULT_FIELDS}, **(settings or {})}
         self.overwrite = overwrite
+        if threads is not None and threads != "auto":
+            threads = positive_int("threads", threads)
+        self.threads_request = threads
+        self.thread_choice: dict[str, Any] | None = None  # what "auto" measured
         self.opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.first_loss: float | None = None  # the divergence test's reference
+        if isinstance(threads, int):
+            self.settings["blas_threads"] = threads
         self.history: list[dict[str, float]] = []
         self.last_validation: dict[str, float] | None = None  # {"loss", "char_acc", "exact"}
         self.eval_batch = task.eval_batch(cfg.eval_size, cfg.block_size, seed=cfg.seed)
@@ -197,6 +207,8 @@ class Trainer:
             raise ValueError("--resume needs an out_dir")
         self.folder.remove_leftovers()
         tensors, meta, folder = self.folder.read_checkpoint()
+        if self.threads_request == "auto":  # the count this run measured when it started
+            self.settings["blas_threads"] = meta["settings"].get("blas_threads")
         changed = _differences(meta["settings"], self.settings)
         if changed:
             raise ValueError(
@@ -308,6 +320,8 @@ class Trainer:
             self.load_checkpoint()
         else:
             self._claim_folder()
+        if self.threads_request == "auto" and "blas_threads" not in self.settings:
+            self._measure_threads()
         cfg = self.cfg
         bar = tqdm(
             total=cfg.steps,
@@ -320,7 +334,7 @@ class Trainer:
         start = time.perf_counter()
         stop = cfg.steps if until is None else min(until, cfg.steps)
         try:
-            with _deferred_interrupt() as interrupted:
+            with _deferred_interrupt() as interrupted, limited_threads(self.blas_threads):
                 while self.step < stop:
                     loss = self.train_step()
                     bar.update(1)
@@ -347,6 +361,28 @@ class Trainer:
             self.save_checkpoint()
         self.seconds = time.perf_counter() - start
         return self.history
+
+    @property
+    def blas_threads(self) -> int | None:
+        """The BLAS thread count training runs with (None: the library's default)."""
+        return None if self.model.device == "gpu" else self.settings.get("blas_threads")
+
+    def _measure_threads(self) -> None:
+        """Time a forward and backward of the next step's batch with 1 and with all
+        cores' BLAS threads; keep the faster. Leaves no trace: gradients are dropped,
+        and every training step reseeds dropout itself."""
+        if self.model.device == "gpu":
+            return
+        seed = step_seed(self.cfg.seed, self.step + 1)
+        batch = self.task.batch(seed, self.cfg.batch_size, self.cfg.block_size)
+
+        def forward_backward() -> None:
+            self.model.loss(batch.idx, batch.targets, train=True)
+            self.model.backward()
+            self.model.grads = {}
+
+        self.thread_choice = choose_threads(forward_backward)
+        self.settings["blas_threads"] = self.thread_choice["threads"]
 
     def validate(self) -> dict[str, float]:
         """Evaluate on the fixed validation batch and log it as val_* at this step."""

@@ -15,6 +15,7 @@ LAYERS = [
     "version",
     "checks",
     "backend",
+    "blas",
     "layers",
     "lora",
     "model",
