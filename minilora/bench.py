@@ -47,6 +47,7 @@ from minilora import lora as lora_module
 from minilora import model as model_module
 from minilora.adapters import add_adapter, merge
 from minilora.backend import Backend, get_backend, host_rng, to_host
+from minilora.blas import blas_libraries, usable_cores
 from minilora.checks import non_negative_int, one_of, positive_int
 from minilora.lora import LoraConfig
 from minilora.model import GPT, GPTConfig, parameter_shapes
@@ -167,13 +168,8 @@ def time_alternately(
 
 # --------------------------------------------------------------- the machine
 def blas_info(backend: Backend | None = None) -> dict[str, Any]:
-    """The BLAS library and the number of threads it uses, and how that was found.
-
-    With threadpoolctl installed (optional) both are read from the loaded library.
-    Without it the library comes from ``numpy.show_config`` and the thread count is
-    assumed: $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS / $MKL_NUM_THREADS if set, else
-    the cores this process may run on (OpenBLAS's default). On the GPU, the device.
-    """
+    """The BLAS library and the number of threads it uses (read by threadpoolctl from
+    the loaded library, blas.py); on the GPU, the device."""
     backend = backend or get_backend("cpu")
     if backend.device == "gpu":
         xp = backend.xp
@@ -185,42 +181,15 @@ def blas_info(backend: Backend | None = None) -> dict[str, Any]:
             "threads": None,
             "source": "cupy.cuda.runtime",
         }
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        threadpool_info = None
-    if threadpool_info is not None:
-        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-        if pools:
-            p = pools[0]
-            return {
-                "library": f"{p.get('internal_api')} {p.get('version')}",
-                "threads": int(p["num_threads"]),
-                "source": "threadpoolctl",
-            }
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        library = f"{blas.get('name')} {blas.get('version')}"
-    except (TypeError, KeyError, ValueError):  # older NumPy: no mode="dicts"
-        library = "unknown"
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit():
-            return {
-                "library": library,
-                "threads": int(os.environ[var]),
-                "source": f"${var}; threadpoolctl not installed",
-            }
+    libraries = blas_libraries()
+    if not libraries:
+        return {"library": "unknown", "threads": None, "source": "threadpoolctl found no BLAS"}
+    lib = libraries[0]
     return {
-        "library": library,
-        "threads": _usable_cores(),
-        "source": "assumed = usable cores; threadpoolctl not installed",
+        "library": f"{lib['library']} {lib['version']}",
+        "threads": lib["threads"],
+        "source": "threadpoolctl",
     }
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def environment(backend: Backend) -> dict[str, Any]:
@@ -233,7 +202,7 @@ def environment(backend: Backend) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
-            "usable_cores": _usable_cores(),
+            "usable_cores": usable_cores(),
         },
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -28,6 +28,7 @@ LAYERS = [
     "planted",
     "optim",
     "train",
+    "sweep",
     "gradcheck",
     "gradcheck_report",
     "torch_reference",
