@@ -47,7 +47,7 @@ from minilora import lora as lora_module
 from minilora import model as model_module
 from minilora.adapters import add_adapter, merge
 from minilora.backend import Backend, get_backend, host_rng, to_host
-from minilora.blas import blas_libraries, usable_cores
+from minilora.blas import blas_libraries, limited_threads, usable_cores
 from minilora.checks import non_negative_int, one_of, positive_int
 from minilora.lora import LoraConfig
 from minilora.model import GPT, GPTConfig, parameter_shapes
@@ -676,6 +676,19 @@ def bench_config(
         training["minilora_over_torch"] = {mode: ms[mode] / torch_ms[mode] for mode in MODES}
     result["training"] = training
 
+    if backend.device == "cpu":
+        log(f"{name}: BLAS threads, 1 against all cores (what --threads auto chooses from)")
+        counts = sorted({1, usable_cores()})
+        by_threads = {
+            f"{mode}@{n}": _with_threads(n, runs[f"minilora_{mode}"])
+            for n in counts
+            for mode in MODES
+        }
+        timed = time_alternately(by_threads, steps, warmup, sync)
+        result["threads"] = {
+            mode: {str(n): timed[f"{mode}@{n}"]["median_ms"] for n in counts} for mode in MODES
+        }
+
     log(f"{name}: forward only (base, LoRA unmerged, LoRA merged)")
     merged = build_model(cfg, "lora", device, seed)
     merge(merged)  # W + s B A: runs at the base's cost
@@ -714,6 +727,14 @@ def bench_config(
         mode: op_table(models[mode], opts[mode], idx, targets, op_passes) for mode in MODES
     }
     return result
+
+
+def _with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with limited_threads(n):
+            return fn()
+
+    return run
 
 
 # ------------------------------------------------------------------------- the run

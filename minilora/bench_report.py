@@ -76,6 +76,16 @@ def _training_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _threads_lines(threads: dict[str, Any] | None) -> list[str]:
+    """Training step by BLAS thread count: what ``--threads auto`` measures and picks."""
+    if not threads:
+        return []
+    counts = list(threads["full"])
+    rows = [["training step by BLAS threads, ms"] + [f"{n} thread(s)" for n in counts]]
+    rows += [[mode] + [_ms(threads[mode][n]) for n in counts] for mode in MODES]
+    return _table(rows, "<" + ">" * len(counts)) + [""]
+
+
 def _forward_lines(fwd: dict[str, Any]) -> list[str]:
     rows = [["forward only, median ms", "ms", "/ base"]]
     rows.append(["base", _ms(fwd["base"]["median_ms"]), "1.000"])
@@ -150,6 +160,7 @@ def format_config(name: str, r: dict[str, Any]) -> list[str]:
         title,
         *_training_lines(r),
         "",
+        *_threads_lines(r.get("threads")),
         *_forward_lines(r["forward"]),
         "",
         *_memory_lines(r["memory"]),
