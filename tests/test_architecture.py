@@ -7,6 +7,7 @@ run.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
@@ -108,6 +109,14 @@ def test_no_module_imports_private_names():
         if name.startswith("_") and name != "__version__"
     ]
     assert not private, private
+
+
+def test_the_readme_lists_the_modules_in_import_order():
+    """The package map a reader sees is the order this test enforces."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("| layer | module |") :].split("\n\n")[0]
+    listed = re.findall(r"`(\w+)\.py`", table)
+    assert listed == [m for m in LAYERS if not m.startswith("__")]
 
 
 def test_the_checker_finds_a_circle(tmp_path, monkeypatch):
