@@ -49,18 +49,26 @@ def resolve_dtype(dtype: Any) -> np.dtype:
     return np.dtype(name)
 
 
+def _one_line(err: BaseException) -> str:
+    """The last line of an error that says something: CuPy's import errors are a framed
+    page of advice that ends with the original error ("libcudart.so.12: cannot open")."""
+    lines = [line.strip() for line in str(err).splitlines() if any(c.isalnum() for c in line)]
+    return lines[-1] if lines else type(err).__name__
+
+
 def _import_cupy() -> ModuleType:
     try:
         import cupy
     except ImportError as err:
         raise DeviceUnavailableError(
-            f"device='gpu' needs CuPy ({err}); {GPU_INSTALL_HINT}"
+            f"device='gpu' needs CuPy ({_one_line(err)}); {GPU_INSTALL_HINT}"
         ) from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CUDA driver missing or broken: CuPy raises its own types
         raise DeviceUnavailableError(
-            f"device='gpu': CuPy is installed but CUDA is not usable ({err}); {GPU_INSTALL_HINT}"
+            f"device='gpu': CuPy is installed but CUDA is not usable ({_one_line(err)}); "
+            f"{GPU_INSTALL_HINT}"
         ) from None
     if count < 1:
         raise DeviceUnavailableError(f"device='gpu': no CUDA device found; {GPU_INSTALL_HINT}")

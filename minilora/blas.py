@@ -90,8 +90,10 @@ def choose_threads(
     return {"threads": min(best, key=best.get), "seconds": best}
 
 
-def describe(threads: int | None, choice: dict[str, Any] | None = None) -> str:
+def describe(threads: int | None, choice: dict[str, Any] | None = None, device: str = "cpu") -> str:
     """One line for the command line: the count used and, if measured, why."""
+    if device == "gpu":
+        return "BLAS threads: not used on the GPU (--threads has no effect there)"
     if threads is None:
         return "BLAS threads: the library's default"
     if not choice or not choice.get("seconds"):

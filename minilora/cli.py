@@ -221,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     bench_report.add_arguments(p)
+
+    p = sub.add_parser(
+        "figures",
+        help="regenerate every figure of figures/ and the data it was drawn from",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora figures                 # all ten, about 20 minutes on 2 cores\n"
+        "  minilora figures --quick --out /tmp/figures\n"
+        "  minilora figures --only rank_sweep --only alpha_sweep",
+    )
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="fewer steps, ranks and seeds")
+    p.add_argument("--only", action="append", default=None, metavar="NAME", help="one figure")
+    p.add_argument("--out", default="figures", help="output folder (default figures)")
     return parser
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,7 @@ def pretrain(args: Namespace) -> int:
         threads=args.threads,
     )
     trainer.run(resume=args.resume)
-    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice, model.device))
     last = trainer.last_validation
     info = checkpoints.save_model(
         model,
@@ -175,7 +177,7 @@ def finetune(args: Namespace) -> int:
     )
     before = trainer.validate() if not args.resume else None
     trainer.run(resume=args.resume)
-    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice, model.device))
     after = trainer.last_validation
     print(f"{mode}: {len(model.trainable_names())} trainable tensors")
     if before:
@@ -218,6 +220,10 @@ def generate(args: Namespace) -> int:
 
 # --------------------------------------------------------------------------- params
 def params_command(args: Namespace) -> int:
+    if args.device == "gpu":  # say so rather than pretend: there are no arrays here
+        print(
+            "minilora params: note: arithmetic only; --device gpu changes nothing", file=sys.stderr
+        )
     table = params.accounting_table(args.preset, r=args.rank, targets=_targets(args.targets))
     if args.json:
         json.dump(table, sys.stdout, indent=2)
@@ -239,6 +245,18 @@ def gradcheck_command(args: Namespace) -> int:
     return 1 if failed else 0
 
 
+def figures_command(args: Namespace) -> int:
+    from minilora.figures import make_figures  # matplotlib is an optional extra
+
+    if args.device is not None:  # the sweep's worker processes read it from the environment
+        os.environ["MINILORA_DEVICE"] = args.device
+    start = time.perf_counter()
+    for row in make_figures(args.out, quick=args.quick, only=args.only):
+        print(f"{row['png']}  ({row['seconds']:.0f} s of experiments)")
+    print(f"figures took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def demo(args: Namespace) -> int:
     return run_demo(args)
 
@@ -251,4 +269,5 @@ COMMANDS = {
     "params": params_command,
     "gradcheck": gradcheck_command,
     "bench": bench_report.run,
+    "figures": figures_command,
 }

@@ -438,6 +438,32 @@ class RotTask(RuleTask):
     ops = {"rot": rot_word}
 
 
+class FixedPoolTask:
+    """A task cut down to ``n`` training examples drawn once: what a small data set is.
+
+    Training batches draw rows, with replacement, from that one pool; validation is the
+    wrapped task's held-out set. So the training loss can fall far below the validation
+    loss, and the gap between them is what LoRA dropout is meant to close.
+    """
+
+    def __init__(self, task: Task, n: int, block_size: int, seed: int = 0) -> None:
+        self.task, self.n = task, positive_int("n", n)
+        self.pool = task.batch(non_negative_int("seed", seed), self.n, block_size)
+        self.name = f"{task.name}-{self.n}"
+        self.tokenizer = task.tokenizer
+        self.block_size = block_size
+        self.description = f"{self.n} fixed examples of {task.name}"
+
+    def batch(self, rng_or_seed: SeedLike, batch_size: int, block_size: int) -> Batch:
+        if block_size != self.block_size:
+            raise ValueError(f"block_size={block_size}; this pool was made with {self.block_size}")
+        rows = _as_rng(rng_or_seed).integers(0, self.n, positive_int("batch_size", batch_size))
+        return Batch(self.pool.idx[rows], self.pool.targets[rows])
+
+    def eval_batch(self, n: int, block_size: int, seed: int = 0) -> Batch:
+        return self.task.eval_batch(n, block_size, seed=seed)
+
+
 class TextFileTask:
     """Your own UTF-8 text: the first ``1 - val_fraction`` is training, the rest validation.
 

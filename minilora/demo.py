@@ -106,7 +106,7 @@ def run_demo(args: Namespace) -> int:
     t0 = time.perf_counter()
     trainer.run()
     train_seconds = time.perf_counter() - t0
-    print(describe_threads(trainer.blas_threads, trainer.thread_choice))
+    print(describe_threads(trainer.blas_threads, trainer.thread_choice, model.device))
     lora_metrics = evaluate(model, val)
     unmerged_logits = to_host(model.forward(val.idx))
     W0 = to_host(model.params["h.0.attn.q.weight"]).copy()

@@ -152,8 +152,10 @@ def gradcheck(
     for a fixed random dout.
     """
     out, cache = forward(**inputs)
-    host_dout = np.random.default_rng(seed + 1).standard_normal(np.shape(out))
-    # a scalar output (the loss) gets a scalar upstream gradient
+    # a scalar output (the loss) gets a scalar upstream gradient; an array's shape is
+    # read from the array itself (np.shape would hand a device array to NumPy)
+    shape = () if isinstance(out, float) else out.shape
+    host_dout = np.random.default_rng(seed + 1).standard_normal(shape)
     dout = float(host_dout) if isinstance(out, float) else _like(out, host_dout)
     grads = backward(dout, cache)
     if not isinstance(grads, tuple):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from minilora.backend import scatter_add, xp_of
+from minilora.backend import scatter_add, to_host, xp_of
 
 Array = Any  # a NumPy or CuPy ndarray
 
@@ -317,15 +317,19 @@ def cross_entropy_forward(
     z = logits.reshape(-1, V)
     t = targets.reshape(-1)
     counted = t != ignore_index
-    n = int(counted.sum())
-    if n == 0:
-        raise ValueError("cross-entropy: every target equals ignore_index; nothing to average")
     z = z - z.max(axis=-1, keepdims=True)
     logsumexp = xp.log(xp.exp(z).sum(axis=-1))
     safe_t = xp.where(counted, t, 0)  # any valid index; these rows are masked below
     rows = xp.arange(z.shape[0])
     nll = (logsumexp - z[rows, safe_t]) * counted
-    loss = float(nll.sum()) / n
+    # the sum and the count leave the device together: one copy to the host, not two
+    # (float64 holds the float32 sum and the count exactly)
+    sums = xp.stack([nll.sum().astype("float64"), counted.sum().astype("float64")])
+    total, n = to_host(sums).tolist()
+    n = int(n)
+    if n == 0:
+        raise ValueError("cross-entropy: every target equals ignore_index; nothing to average")
+    loss = total / n
     probs = xp.exp(z - logsumexp[:, None])
     return loss, (probs, safe_t, counted, n, logits.shape)
 

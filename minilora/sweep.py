@@ -17,6 +17,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from minilora.backend import resolve_device
 from minilora.blas import limited_threads, usable_cores
 from minilora.checks import positive_int
 
@@ -43,6 +44,8 @@ def run_sweep(
 
     settings = list(settings)
     processes = usable_cores() if processes is None else positive_int("processes", processes)
+    if resolve_device() == "gpu":  # the runs would share one GPU: one at a time there
+        processes = 1
     processes = min(processes, len(settings)) or 1
     bar = tqdm(total=len(settings), desc=desc, unit="run", disable=not progress)
     try:
@@ -59,6 +62,8 @@ def run_sweep(
             for p in pending:
                 results.append(p.get())
                 bar.update(1)
+            pool.close()  # workers exit on their own: terminating them leaks semaphores
+            pool.join()
             return results
     finally:
         bar.close()

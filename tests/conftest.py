@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora import backend
 from minilora.backend import to_host
 from minilora.gradcheck import relative_error
 from minilora.gradcheck_report import randomize_for_check
@@ -32,6 +33,26 @@ def pytest_report_header(config):
 @pytest.fixture
 def tiny_config():
     return ml.GPTConfig(**TINY)
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request):
+    """Every backend this machine has: "cpu", and "gpu" when CuPy finds a CUDA device
+    (skipped otherwise, with the reason backend.gpu_available() gives)."""
+    if request.param == "gpu":
+        ok, reason = backend.gpu_available()
+        if not ok:
+            pytest.skip(f"no GPU: {reason}")
+    return request.param
+
+
+@pytest.fixture
+def strict_gpu(monkeypatch):
+    """device="gpu" runs on tests/strict_backend.py's CuPy stand-in for this test; the
+    fixture's value is that ``cupy`` module (its ``transfers`` log every host copy)."""
+    import strict_backend
+
+    return strict_backend.install(monkeypatch)
 
 
 def random_model(cfg, seed=0, dtype="float64", device=None):

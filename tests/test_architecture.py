@@ -35,6 +35,8 @@ LAYERS = [
     "torch_reference",
     "bench",
     "bench_report",
+    "experiments",
+    "figures",
     "demo",
     "commands",
     "cli",

@@ -1,12 +1,14 @@
 """The NumPy/CuPy switch: device and dtype names, the GPU's absence, host copies,
-scatter-add, and (on a GPU machine) CPU/GPU parity of the tiny model."""
+scatter-add, and the one line that says why the GPU cannot be used."""
+
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import rel_error as rel
 
 import minilora as ml
-from minilora import backend
+from minilora import backend, cli
 
 GPU_OK, GPU_REASON = backend.gpu_available()
 
@@ -132,33 +134,72 @@ def test_host_rng_is_seeded_pcg64():
     np.testing.assert_array_equal(a.normal(size=4), b.normal(size=4))
 
 
-# ------------------------------------------------------------------ GPU parity
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU_OK, reason=f"no GPU: {GPU_REASON}")
-def test_gpu_matches_cpu(tiny_config):
-    """Same seed on CPU and GPU (float64): logits, loss and every gradient agree to 1e-10."""
-    cpu = ml.GPT(tiny_config, seed=3, dtype="float64", device="cpu")
-    gpu = ml.GPT(tiny_config, seed=3, dtype="float64", device="gpu")
-    assert backend.is_device_array(gpu.params["wte.weight"])
-    for name in cpu.params:  # initialisation is drawn on the host: identical weights
-        np.testing.assert_array_equal(cpu.params[name], backend.to_host(gpu.params[name]))
-    rng = np.random.default_rng(4)
-    state = {n: rng.normal(0, 0.2, v.shape) for n, v in cpu.state_dict().items()}
-    cpu.load_state_dict(state)
-    gpu.load_state_dict(state)
-    idx = rng.integers(0, tiny_config.vocab_size, (4, tiny_config.block_size))
-    targets = rng.integers(0, tiny_config.vocab_size, idx.shape)
-    targets[:, :3] = -1
-    assert rel(cpu.forward(idx), gpu.forward(idx)) < 1e-10
-    loss_cpu, loss_gpu = cpu.loss(idx, targets), gpu.loss(idx, targets)
-    assert abs(loss_cpu - loss_gpu) < 1e-10 * abs(loss_cpu)
-    cpu.backward()
-    gpu.backward()
-    assert sorted(cpu.grads) == sorted(gpu.grads)
-    for name in cpu.grads:
-        assert backend.xp_of(gpu.grads[name]) is gpu.xp
-        assert rel(cpu.grads[name], gpu.grads[name]) < 1e-10, name
-    # scatter_add on the device sums repeated indices too
-    target = gpu.xp.zeros((3, 2))
-    backend.scatter_add(target, gpu.xp.asarray([2, 2, 0]), gpu.xp.ones((3, 2)))
-    np.testing.assert_array_equal(backend.to_host(target), [[1, 1], [0, 0], [2, 2]])
+# ------------------------------------------------- the missing GPU, on any machine
+class _NoDevice:
+    """A CuPy that imports but finds no device (count 0) or no working driver."""
+
+    def __init__(self, count):
+        def get_device_count():
+            if isinstance(count, Exception):
+                raise count
+            return count
+
+        self.cuda = SimpleNamespace(runtime=SimpleNamespace(getDeviceCount=get_device_count))
+
+
+CUPY_IMPORT_ERROR = """
+================================================================
+Failed to import CuPy.
+
+If you installed CuPy via wheels (cupy-cudaXXX or cupy-rocm-X-X), make sure that the
+package matches with the version of CUDA or ROCm installed.
+
+Original error:
+  ImportError: libcudart.so.12: cannot open shared object file: No such file or directory
+================================================================
+"""
+"""The shape of CuPy's own import error: a framed page, the cause on its last line."""
+
+
+class _FailingCupyImport:
+    """A finder that makes `import cupy` raise CuPy's many-line ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "cupy":
+            raise ImportError(CUPY_IMPORT_ERROR)
+        return None
+
+
+@pytest.mark.parametrize(
+    ("cupy", "says"),
+    [
+        (None, "needs CuPy"),  # sys.modules["cupy"] = None: `import cupy` fails
+        (_NoDevice(0), "no CUDA device found"),
+        (_NoDevice(RuntimeError("cudaErrorInsufficientDriver")), "CUDA is not usable"),
+        (CUPY_IMPORT_ERROR, "needs CuPy (ImportError: libcudart.so.12: cannot open"),
+    ],
+)
+def test_gpu_unavailable_is_one_clear_line(monkeypatch, capsys, cupy, says):
+    """Without CuPy, without a device or without a driver, device="gpu" raises
+    DeviceUnavailableError with one line that says why and how to install CuPy; the
+    command line prints exactly that line and exits with status 2."""
+    if cupy is CUPY_IMPORT_ERROR:  # a CuPy wheel that does not match the CUDA libraries
+        monkeypatch.delitem(sys.modules, "cupy", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [_FailingCupyImport(), *sys.meta_path])
+    else:
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(backend, "_BACKENDS", {})
+    with pytest.raises(backend.DeviceUnavailableError) as info:
+        ml.GPT(
+            ml.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, d_model=4), device="gpu"
+        )
+    message = str(info.value)
+    assert "\n" not in message and says in message
+    assert "pip install 'minilora[gpu]'" in message and "device='cpu'" in message
+    assert backend.gpu_available() == (False, message)
+    assert cli.main(["gradcheck", "--device", "gpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"minilora gradcheck: error: {message}\n"
+
+
+# CPU/GPU parity of the model lives in tests/test_parity.py (the ``device`` fixture).

@@ -1,0 +1,508 @@
+"""The experiments behind the figures, the notebooks and their tests.
+
+One function per experiment. Each trains or measures and returns tidy records: a list
+of flat dicts of numbers, strings and short lists (the settings, the seed, the losses,
+the accuracy, the time), ready for JSON and for plotting (figures.py draws them). The
+training runs are independent, so they go through :func:`sweep.run_sweep`: one process
+per core, one BLAS thread each, the same numbers whatever the number of processes.
+
+Every run fine-tunes the shipped base (checkpoints.BUILTIN_BASE: 4 layers, d_model 128)
+on a built-in task:
+
+- ``shift``: "shift abc>bcd.", a rule the base never saw (accuracy is meaningful);
+  LoRA on q,k,v,o for 300 steps, as in the demo. (On q,v alone, r=8 reached only
+  loss 2.6 in 200 steps where full fine-tuning reached 0.08; on q,k,v,o the loss falls
+  sharply between steps 200 and 300, to 0.16 and 98% exact answers.)
+- ``planted``: imitate the base plus a planted rank-4 change of q and v (planted.py),
+  so the rank the task needs is known; LoRA on q,v, 150 steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from minilora import params
+from minilora.adapters import add_adapter
+from minilora.backend import to_host
+from minilora.bench import build_model, make_batch, measure_memory, reference_config
+from minilora.checkpoints import load_base
+from minilora.data import FixedPoolTask, get_task
+from minilora.lora import LoraConfig, delta_weight, lora_names
+from minilora.optim import AdamW
+from minilora.planted import PlantedRankTask
+from minilora.sweep import run_sweep
+from minilora.train import TrainConfig, Trainer, evaluate
+
+Record = dict[str, Any]
+
+LORA_LR = 3e-3  # the demo's rate: AdamW on A and B
+FULL_LR = 3e-4  # full fine-tuning moves every weight: a tenth of LoRA's rate is stable here
+PLANTED_RANK = 4
+PLANTED_BLOCK = 32  # planted windows: half the base's context, to keep the runs short
+POOL_SEED = 12_345  # the fixed small data sets are the same for every run
+TASK_DEFAULTS = {  # targets and steps per task (module docstring)
+    "shift": {"targets": ("q", "k", "v", "o"), "steps": 300},
+    "planted": {"targets": ("q", "v"), "steps": 150},
+}
+
+
+# ------------------------------------------------------------------ one training run
+def _task(name: str, model: Any, tokenizer: Any) -> tuple[Any, int]:
+    if name == "planted":  # the teacher is this base plus a fixed rank-4 change of q and v
+        return PlantedRankTask(model, tokenizer, rank=PLANTED_RANK, seed=0), PLANTED_BLOCK
+    task = get_task(name, tokenizer=tokenizer)
+    return task, task.block_size
+
+
+def train_run(
+    *,
+    task: str = "shift",
+    r: int | None = 8,
+    alpha: float | None = None,
+    targets: Sequence[str] | None = None,
+    dropout: float = 0.0,
+    init: str = "gaussian",
+    rslora: bool = False,
+    random_B: bool = False,
+    steps: int | None = None,
+    batch_size: int = 32,
+    lr: float | None = None,
+    seed: int = 0,
+    pool: int | None = None,
+    eval_size: int = 256,
+    keep: Sequence[str] = (),
+) -> Record:
+    """One fine-tuning run of the shipped base; ``r=None`` is full fine-tuning.
+
+    ``targets`` and ``steps`` default to the task's (TASK_DEFAULTS), ``alpha`` to 2r;
+    ``random_B`` draws B like A instead of zero (the initialisation LoRA avoids);
+    ``pool`` trains on that many fixed examples (data.FixedPoolTask) and also reports the
+    loss on them; ``keep`` names modules
+    ("h.3.attn.q") whose learned ΔW (d_out, d_in) and A are returned as arrays.
+    """
+    targets = tuple(targets or TASK_DEFAULTS[task]["targets"])
+    steps = steps or TASK_DEFAULTS[task]["steps"]
+    model, tokenizer = load_base()
+    task_obj, block = _task(task, model, tokenizer)
+    if pool is not None:
+        task_obj = FixedPoolTask(task_obj, pool, block, seed=POOL_SEED)
+    W0 = {m: to_host(model.params[f"{m}.weight"]).astype(np.float64) for m in keep}
+    lcfg = None
+    if r is not None:
+        alpha = 2.0 * r if alpha is None else alpha
+        lcfg = LoraConfig(r, alpha, dropout, targets, init, rslora)
+        add_adapter(model, lcfg, seed=seed)
+        if random_B:
+            _draw_B(model, r, seed)
+    lr = lr if lr is not None else (LORA_LR if r is not None else FULL_LR)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        block_size=block,
+        lr=lr,
+        warmup=max(1, steps // 20),
+        eval_every=0,
+        eval_size=eval_size,
+        seed=seed,
+    )
+    trainer = Trainer(model, task_obj, cfg, progress=False)
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    val = trainer.last_validation
+    record: Record = {
+        "task": task,
+        "mode": "full" if r is None else "lora",
+        "r": r,
+        "alpha": alpha,
+        "scale": lcfg.scale if lcfg else None,
+        "targets": ",".join(targets) if r is not None else "all",
+        "dropout": dropout,
+        "init": init,
+        "rslora": rslora,
+        "pool": pool,
+        "steps": steps,
+        "seed": seed,
+        "trainable": params.count_parameters(model).trainable,
+        "seconds": seconds,
+        "val_loss": val["loss"],
+        "val_char_acc": val["char_acc"],
+        "val_exact": val["exact"],
+        "curve": [row["loss"] for row in trainer.history if "loss" in row],
+    }
+    if pool is not None:  # the loss on the examples it trained on, in eval mode
+        record["train_loss"] = evaluate(model, task_obj.pool)["loss"]
+    for m in keep:
+        if r is None:
+            record[f"delta:{m}"] = to_host(model.params[f"{m}.weight"]).astype(np.float64) - W0[m]
+        else:
+            A_name, B_name = lora_names(m, "default")
+            A, B = (to_host(model.params[n]).astype(np.float64) for n in (A_name, B_name))
+            record[f"delta:{m}"] = delta_weight(A, B, lcfg.scale)
+            record[f"A:{m}"] = A
+    return record
+
+
+def _draw_B(model: Any, r: int, seed: int) -> None:
+    """B drawn like A (N(0, 1/r^2)) instead of zero: the model no longer starts at the base."""
+    rng = np.random.default_rng([seed, 1])
+    for name in model.trainable_names():
+        if ".lora_B." in name:
+            value = rng.normal(0.0, 1.0 / r, model.params[name].shape)
+            model.params[name][...] = model.xp.asarray(value, dtype=model.dtype)
+
+
+def _runs(settings: list[dict], processes: int | None, desc: str) -> list[Record]:
+    return run_sweep(train_run, settings, processes=processes, desc=desc)
+
+
+# ------------------------------------------------------------ 1. parameters vs rank
+PAPER_POINTS = [  # the LoRA paper's GPT-3 175B counts (Hu et al. 2021, Tables 4 and 5)
+    {"label": "4.7M: r=1 on q,v", "r": 1, "targets": "q,v"},
+    {"label": "18.9M: r=4 on q,v", "r": 4, "targets": "q,v"},
+    {"label": "37.7M: r=8 on q,v", "r": 8, "targets": "q,v"},
+]
+TARGET_SETS = ("q,v", "q,k,v,o", "q,k,v,o,fc,proj")
+
+
+def parameter_counts(
+    presets: Sequence[str] = ("small", "gpt2", "gpt3-175b"),
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+) -> list[Record]:
+    """Trainable parameters of LoRA against r, per target set; full fine-tuning's count."""
+    records = []
+    for name in presets:
+        c = params.preset(name)
+        full = params.count_architecture(
+            c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
+        )["total"]
+        for targets in TARGET_SETS:
+            for r in ranks:
+                if r > c["d_model"]:
+                    continue  # rank above the matrix side adds parameters, not capacity
+                lora = params.lora_parameter_count(
+                    c["n_layer"], c["d_model"], r, targets.split(",")
+                )
+                records.append(
+                    {"preset": name, "targets": targets, "r": r, "lora": lora, "full": full}
+                )
+    return records
+
+
+# ------------------------------------------------------------------- 2. rank sweep
+def rank_sweep(
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int | None = None,
+    tasks: Sequence[str] = ("planted", "shift"),
+    processes: int | None = None,
+) -> list[Record]:
+    """Validation loss (and accuracy) against r; full fine-tuning as a reference."""
+    settings = [
+        {"task": t, "r": r, "steps": steps, "seed": s} for t in tasks for r in ranks for s in seeds
+    ]
+    settings += [{"task": t, "r": None, "steps": steps, "seed": s} for t in tasks for s in seeds]
+    return _runs(settings, processes, "rank sweep")
+
+
+# ------------------------------------------------------------------ 3. alpha sweep
+def alpha_sweep(
+    r: int = 8,
+    alphas: Sequence[float] = (4, 8, 16, 32, 64),
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int | None = None,
+    processes: int | None = None,
+) -> list[Record]:
+    """Learning curves on shift at fixed r for alpha from r/2 to 8r (same learning rate)."""
+    settings = [
+        {"task": "shift", "r": r, "alpha": a, "steps": steps, "seed": s}
+        for a in alphas
+        for s in seeds
+    ]
+    return _runs(settings, processes, "alpha sweep")
+
+
+def scaling_across_ranks(
+    ranks: Sequence[int] = (2, 4, 8, 16, 32, 64, 128),
+    alpha: float = 16.0,
+    seeds: Sequence[int] = (0, 1),
+    steps: int = 200,
+    processes: int | None = None,
+) -> list[Record]:
+    """alpha/r against alpha/sqrt(r) (rsLoRA) at fixed alpha, across ranks: how fast each
+    learns. With alpha/r the update's scale falls as r grows (the rsLoRA paper's claim
+    that it starves high ranks); with alpha/sqrt(r) it should not."""
+    settings = [
+        {"task": "shift", "r": r, "alpha": alpha, "rslora": rs, "steps": steps, "seed": s}
+        for r in ranks
+        for rs in (False, True)
+        for s in seeds
+    ]
+    return _runs(settings, processes, "scaling across ranks")
+
+
+# ---------------------------------------------------------------- 4. dropout sweep
+def dropout_sweep(
+    dropouts: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3),
+    pools: Sequence[int] = (64, 512, 4096),
+    seeds: Sequence[int] = (0, 1),
+    steps: int | None = None,
+    r: int = 16,
+    processes: int | None = None,
+) -> list[Record]:
+    """Train and validation loss against LoRA dropout, on small fixed data sets of shift."""
+    settings = [
+        {"task": "shift", "r": r, "dropout": p, "pool": n, "steps": steps, "seed": s}
+        for n in pools
+        for p in dropouts
+        for s in seeds
+    ]
+    return _runs(settings, processes, "dropout sweep")
+
+
+# -------------------------------------------------------- 5. LoRA against full: costs
+def step_costs(
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), batch_size: int = 32, steps: int = 5
+) -> list[Record]:
+    """Step time and peak memory of one training step (bench.py's measurement) on the
+    small configuration: LoRA on q,k,v,o at each rank, and full fine-tuning."""
+    cfg, _ = reference_config("small")
+    idx, targets = make_batch(cfg, batch_size)
+    records = []
+    for r in [*ranks, None]:
+        model = build_model(cfg, "base")
+        if r is not None:
+            targets = TASK_DEFAULTS["shift"]["targets"]
+            add_adapter(model, LoraConfig(r=r, alpha=2.0 * r, target_modules=targets))
+        opt = AdamW(model)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            model.loss(idx, targets)
+            model.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        memory = measure_memory(model, opt, idx, targets)
+        records.append(
+            {
+                "mode": "full" if r is None else "lora",
+                "r": r,
+                "trainable": params.count_parameters(model).trainable,
+                "step_ms": 1000 * float(np.median(times[1:])),
+                "peak_mb": memory["peak"] / 1e6,
+            }
+        )
+    return records
+
+
+# ------------------------------------------------------------ 6. a fixed budget
+BUDGET_CONFIGS = ({"q": 8}, {"v": 8}, {"q,v": 4}, {"q,k,v,o": 2})  # 8 x 256 per block each
+
+
+def target_budget(
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int | None = None,
+    tasks: Sequence[str] = ("planted", "shift"),
+    processes: int | None = None,
+) -> list[Record]:
+    """The LoRA paper's Table 5 at toy scale: one budget of trainable parameters spent on
+    one matrix at r=8, two at r=4, or four at r=2."""
+    settings = [
+        {"task": t, "r": r, "targets": targets.split(","), "steps": steps, "seed": s}
+        for t in tasks
+        for config in BUDGET_CONFIGS
+        for targets, r in config.items()
+        for s in seeds
+    ]
+    return _runs(settings, processes, "target budget")
+
+
+# ------------------------------------------------- 7. subspace similarity (paper Eq. 4)
+def subspace_similarity(
+    ranks: tuple[int, int] = (8, 64),
+    block: int = 3,
+    steps: int | None = None,
+    seed: int = 0,
+    processes: int | None = None,
+) -> list[Record]:
+    """phi(i, j) = ||U_i^T V_j||_F^2 / min(i, j) between the top-i right singular vectors
+    of A learned at r = ranks[0] and the top-j of A at r = ranks[1] (q and v of one
+    block, on shift), and the same for random Gaussian matrices of the same shapes."""
+    modules = [f"h.{block}.attn.q", f"h.{block}.attn.v"]
+    settings = [
+        {"task": "shift", "r": r, "steps": steps, "seed": seed, "keep": modules} for r in ranks
+    ]
+    small, large = _runs(settings, processes, "subspace runs")
+    rng = np.random.default_rng(seed)
+    records = []
+    for m in modules:
+        A_small, A_large = small[f"A:{m}"], large[f"A:{m}"]
+        for source, (a, b) in (
+            ("learned", (A_small, A_large)),
+            ("random", (rng.standard_normal(A_small.shape), rng.standard_normal(A_large.shape))),
+        ):
+            grid = _phi(a, b)
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    records.append(
+                        {"module": m, "source": source, "i": i + 1, "j": j + 1, "phi": grid[i, j]}
+                    )
+    return records
+
+
+def _phi(A1: np.ndarray, A2: np.ndarray) -> np.ndarray:
+    """The normalised subspace similarity of the LoRA paper (Eq. 4), for all i, j."""
+    U1 = np.linalg.svd(A1, full_matrices=False)[2].T  # (d_in, r1) right singular vectors
+    U2 = np.linalg.svd(A2, full_matrices=False)[2].T
+    overlap = (U1.T @ U2) ** 2  # (r1, r2): squared cosines between directions
+    cumulative = overlap.cumsum(axis=0).cumsum(axis=1)  # ||U1[:, :i]^T U2[:, :j]||_F^2
+    i = np.arange(1, U1.shape[1] + 1)[:, None]
+    j = np.arange(1, U2.shape[1] + 1)[None, :]
+    return cumulative / np.minimum(i, j)
+
+
+# --------------------------------------------------------- 8. the spectrum of ΔW
+def delta_w_spectrum(
+    ranks: Sequence[int] = (1, 4, 16),
+    block: int = 1,
+    steps: int = 300,
+    seed: int = 0,
+    task: str = "planted",
+    processes: int | None = None,
+) -> list[Record]:
+    """Singular values of the learned update of q and v in one block: full fine-tuning
+    against LoRA at several ranks, on the planted task (true rank 4)."""
+    modules = [f"h.{block}.attn.q", f"h.{block}.attn.v"]
+    settings = [
+        {"task": task, "r": r, "steps": steps, "seed": seed, "keep": modules}
+        for r in [*ranks, None]
+    ]
+    records = []
+    for run in _runs(settings, processes, "spectrum runs"):
+        for m in modules:
+            s = np.linalg.svd(run[f"delta:{m}"], compute_uv=False)
+            for k, value in enumerate(s[:32]):
+                records.append(
+                    {"mode": run["mode"], "r": run["r"], "module": m, "k": k + 1, "sigma": value}
+                )
+    return records
+
+
+# ---------------------------------------------------- 9. initialisation and scale
+INIT_VARIANTS = {
+    "A Gaussian, B = 0 (LoRA)": {"init": "gaussian"},
+    "A Kaiming, B = 0": {"init": "kaiming"},
+    "A and B Gaussian": {"init": "gaussian", "random_B": True},
+}
+
+
+def init_and_scaling(
+    seeds: Sequence[int] = (0, 1, 2), steps: int = 40, r: int = 8, processes: int | None = None
+) -> list[Record]:
+    """Loss over the first steps (and at step 0) and the size of ΔW, for B = 0 as taught
+    against both factors random, and Gaussian against Kaiming A."""
+    settings = [
+        {"task": "shift", "r": r, "steps": steps, "seed": s, "variant": name, **kw}
+        for name, kw in INIT_VARIANTS.items()
+        for s in seeds
+    ]
+    return run_sweep(_init_run, settings, processes=processes, desc="init runs")
+
+
+def _init_run(*, variant: str, steps: int, seed: int, **kwargs: Any) -> Record:
+    """Like train_run, but step by step: loss before each step and ||ΔW||_F after it."""
+    model, tokenizer = load_base()
+    task, block = _task("shift", model, tokenizer)
+    r, init = kwargs["r"], kwargs.get("init", "gaussian")
+    targets = TASK_DEFAULTS["shift"]["targets"]
+    lcfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, init=init)
+    add_adapter(model, lcfg, seed=seed)
+    if kwargs.get("random_B", False):
+        _draw_B(model, r, seed)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=32,
+        block_size=block,
+        lr=LORA_LR,
+        warmup=1,
+        eval_every=0,
+        eval_size=128,
+        seed=seed,
+    )
+    trainer = Trainer(model, task, cfg, progress=False)
+    val0 = trainer.validate()["loss"]
+    losses, norms = [], [_delta_norm(model, lcfg)]
+    for _ in range(steps):
+        losses.append(trainer.train_step())
+        norms.append(_delta_norm(model, lcfg))
+    return {
+        "variant": variant,
+        "seed": seed,
+        "r": r,
+        "val_loss_step0": val0,
+        "curve": losses,
+        "delta_norm": norms,
+    }
+
+
+def _delta_norm(model: Any, lcfg: LoraConfig) -> float:
+    """||ΔW||_F summed over the adapted matrices (root of the sum of squares)."""
+    total = 0.0
+    for adapter in model.adapters.values():
+        for m in adapter.modules:
+            A, B = (model.params[n] for n in lora_names(m, adapter.name))
+            total += float((to_host(delta_weight(A, B, lcfg.scale)).astype(np.float64) ** 2).sum())
+    return math.sqrt(total)
+
+
+# ------------------------------------------------------------ 10. memory breakdown
+def memory_breakdown(
+    measured: Sequence[str] = ("small", "medium"),
+    computed: Sequence[str] = ("gpt2", "gpt3-175b"),
+    batch_sizes: Sequence[int] = (1, 4, 16, 64),
+    measured_batch_sizes: Sequence[int] = (4, 8, 16, 32),
+) -> list[Record]:
+    """Training memory split into weights, gradients, optimizer state and activations,
+    full against LoRA (r=8 on q,k,v,o): measured on our models (one step, tracemalloc,
+    bench.py), computed for GPT-2 and GPT-3 175B (params.memory_estimate, fp16)."""
+    parts = ("weights", "gradients", "optimizer", "activations")
+    records = []
+    for name in measured:
+        cfg, _ = reference_config(name)
+        for b in measured_batch_sizes:
+            idx, targets = make_batch(cfg, b)
+            for mode in ("full", "lora"):
+                model = build_model(cfg, mode)
+                memory = measure_memory(model, AdamW(model), idx, targets)
+                records.append(
+                    {
+                        "model": name,
+                        "source": "measured",
+                        "mode": mode,
+                        "batch_size": b,
+                        **{p: memory[p] for p in parts},
+                    }
+                )
+    for name in computed:
+        config = params.preset(name)
+        for b in batch_sizes:
+            for mode, r in (("full", None), ("lora", 8)):
+                estimate = params.memory_estimate(
+                    {**config, "batch_size": b}, r, ("q", "k", "v", "o"), bytes_per_param=2
+                )
+                records.append(
+                    {
+                        "model": name,
+                        "source": "computed",
+                        "mode": mode,
+                        "batch_size": b,
+                        **{p: estimate[p] for p in parts},
+                    }
+                )
+    return records
