@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer steps, ranks and seeds")
     p.add_argument("--only", action="append", default=None, metavar="NAME", help="one figure")
     p.add_argument("--out", default="figures", help="output folder (default figures)")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse OUT's saved records where settings match"
+    )
     return parser
 
 

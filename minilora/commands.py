@@ -251,7 +251,7 @@ def figures_command(args: Namespace) -> int:
     if args.device is not None:  # the sweep's worker processes read it from the environment
         os.environ["MINILORA_DEVICE"] = args.device
     start = time.perf_counter()
-    for row in make_figures(args.out, quick=args.quick, only=args.only):
+    for row in make_figures(args.out, quick=args.quick, only=args.only, reuse=args.reuse):
         print(f"{row['png']}  ({row['seconds']:.0f} s of experiments)")
     print(f"figures took {time.perf_counter() - start:.0f} s")
     return 0

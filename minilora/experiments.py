@@ -267,18 +267,22 @@ def dropout_sweep(
 
 # -------------------------------------------------------- 5. LoRA against full: costs
 def step_costs(
-    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), batch_size: int = 32, steps: int = 5
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), batch_size: int = 32, steps: int = 10
 ) -> list[Record]:
     """Step time and peak memory of one training step (bench.py's measurement) on the
     small configuration: LoRA on q,k,v,o at each rank, and full fine-tuning."""
     cfg, _ = reference_config("small")
     idx, targets = make_batch(cfg, batch_size)
     records = []
+    warm = build_model(cfg, "base")  # the first model measured would also pay BLAS's warm-up
+    for _ in range(3):
+        warm.loss(idx, targets)
+        warm.backward()
     for r in [*ranks, None]:
         model = build_model(cfg, "base")
         if r is not None:
-            targets = TASK_DEFAULTS["shift"]["targets"]
-            add_adapter(model, LoraConfig(r=r, alpha=2.0 * r, target_modules=targets))
+            adapted = TASK_DEFAULTS["shift"]["targets"]
+            add_adapter(model, LoraConfig(r=r, alpha=2.0 * r, target_modules=adapted))
         opt = AdamW(model)
         times = []
         for _ in range(steps + 1):

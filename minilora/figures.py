@@ -101,10 +101,11 @@ def plot_params_vs_rank(data: dict[str, Records]) -> Any:
                     point["label"],
                     (hit["r"], hit["lora"]),
                     textcoords="offset points",
-                    xytext=(8, -12),
+                    xytext=(10, -10),
                     fontsize=8,
                     color="r",
                 )
+            ax.set_ylim(bottom=min(r["lora"] for r in rows) / 3)  # room for the labels
         ax.set(xscale="log", yscale="log", xlabel="LoRA rank r", title=preset)
         ax.set_ylabel("trainable parameters")
     np.atleast_1d(axes)[0].legend(title="targets per block", fontsize=8)
@@ -236,6 +237,7 @@ def plot_lora_vs_full(data: dict[str, Records]) -> Any:
         )
     left.set(
         xscale="log",
+        yscale="log",
         xlabel="trainable parameters",
         ylabel="validation loss (shift)",
         title="Loss against trainable parameters (step time, peak memory)",
@@ -515,8 +517,14 @@ def make_figures(
     quick: bool = False,
     only: Iterable[str] | None = None,
     log: Callable[[str], None] = print,
+    reuse: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the experiments of the chosen figures (each once) and write PNG + JSON."""
+    """Run the experiments of the chosen figures (each once) and write PNG + JSON.
+
+    ``reuse``: take the records of any experiment whose name and settings match one in
+    ``out``'s JSON files instead of running it again (to redraw, or to finish a run
+    that stopped); by default every experiment runs.
+    """
     only = list(only) if only else list(NAMES)
     unknown = [n for n in only if n not in NAMES]
     if unknown:
@@ -524,13 +532,13 @@ def make_figures(
     plt = _plt()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done: dict[str, tuple[Records, float]] = {}  # one run of each experiment and settings
+    done: dict[str, tuple[Records, float]] = _saved(out, quick) if reuse else {}
     written = []
     for figure in (f for f in FIGURES if f.name in only):
         data, used, seconds = {}, {}, 0.0
         for label, (fn, full, fast) in figure.experiments.items():
             kwargs = fast if quick else full
-            key = f"{fn.__name__}({json.dumps(kwargs, sort_keys=True, default=str)})"
+            key = _key(fn.__name__, kwargs)
             if key not in done:  # a second figure on the same runs draws from the first's
                 log(f"{figure.name}: {key}")
                 start = time.perf_counter()
@@ -556,6 +564,23 @@ def make_figures(
         )
         written.append({"name": figure.name, "png": str(png), "seconds": seconds})
     return written
+
+
+def _key(experiment: str, settings: dict) -> str:
+    return f"{experiment}({json.dumps(settings, sort_keys=True, default=str)})"
+
+
+def _saved(out: Path, quick: bool) -> dict[str, tuple[Records, float]]:
+    """{experiment key: (records, seconds)} from the JSON files already in ``out``."""
+    found = {}
+    for path in sorted(out.glob("*.json")):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("quick") != quick or "experiments" not in data:
+            continue
+        for label, used in data["experiments"].items():
+            key = _key(used["experiment"], used["settings"])
+            found[key] = (data["records"][label], used["seconds"])
+    return found
 
 
 def _plain(value: Any) -> Any:
