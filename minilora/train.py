@@ -171,11 +171,11 @@ class Trainer:
             threads = positive_int("threads", threads)
         self.threads_request = threads
         self.thread_choice: dict[str, Any] | None = None  # what "auto" measured
+        if isinstance(threads, int):  # a fixed count is a setting like any other
+            self.settings["blas_threads"] = threads
         self.opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.first_loss: float | None = None  # the divergence test's reference
-        if isinstance(threads, int):
-            self.settings["blas_threads"] = threads
         self.history: list[dict[str, float]] = []
         self.last_validation: dict[str, float] | None = None  # {"loss", "char_acc", "exact"}
         self.eval_batch = task.eval_batch(cfg.eval_size, cfg.block_size, seed=cfg.seed)
