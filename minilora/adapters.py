@@ -177,39 +177,38 @@ def delete_adapter(model: GPT, name: str) -> None:
 
 
 # ---------------------------------------------------------------------- merging
-def _apply_delta(model: GPT, name: str, sign: float) -> None:
-    """W <- W + sign * s B A on every module of adapter ``name`` (in place)."""
+def _apply_delta(model: GPT, name: str) -> None:
+    """W <- W + s B A on every module of adapter ``name`` (in place: the live array)."""
     adapter = model.adapters[name]
     for module in adapter.modules:
         A_name, B_name = lora_names(module, name)
         dW = delta_weight(model.params[A_name], model.params[B_name], adapter.config.scale)
-        W = model.params[f"{module}.weight"]  # in place: the live array changes
-        if sign > 0:
-            W += dW
-        else:
-            W -= dW
+        model.params[f"{module}.weight"] += dW
 
 
 def merge(model: GPT) -> None:
-    """W <- W + s B A for every active adapter: inference then costs what the base costs."""
-    merged = model.merged_adapters
+    """W <- W + s B A for every active adapter: inference then costs what the base costs.
+
+    The weights are kept as they were before the first merge, so unmerge can put them
+    back exactly: subtracting ΔW again, fl(fl(W + ΔW) - ΔW), misses W by about one ulp
+    of |W| + |ΔW| (1.5e-8 on the demo's float32 base), which would change the base's
+    fingerprint and so which adapters fit it.
+    """
+    merged, saved = model.merged_adapters, dict(model.premerge_weights)
     for name in model.active_adapters:
         if name not in merged:
-            _apply_delta(model, name, +1.0)
+            for module in model.adapters[name].modules:
+                W = f"{module}.weight"
+                saved.setdefault(W, model.params[W].copy())
+            _apply_delta(model, name)
             merged.append(name)
-    model.mark_merged(merged)
+    model.mark_merged(merged, saved)
 
 
 def unmerge(model: GPT) -> None:
-    """W <- W - s B A for every merged adapter, newest first: the inverse of merge.
-
-    In floating point the round trip fl(fl(W + ΔW) - ΔW) can miss W by about one ulp of
-    |W| + |ΔW| (3e-8 on the demo's float32 base). The error does not accumulate: after
-    the first cycle W sits on a value that the round trip maps to itself, so 1 and 1000
-    merge/unmerge cycles leave the same W (tests/test_lora.py checks 100).
-    """
-    for name in reversed(model.merged_adapters):
-        _apply_delta(model, name, -1.0)
+    """Undo merge: every changed W gets back its value from before the merge, exactly."""
+    for name, W in model.premerge_weights.items():
+        model.params[name][...] = W
     model.mark_merged([])
 
 

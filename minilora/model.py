@@ -202,6 +202,7 @@ class GPT:
         self._adapters: dict[str, Adapter] = {}  # the adapter state: see the module docstring
         self._active: list[str] = []
         self._merged: list[str] = []
+        self._premerge: dict[str, Array] = {}  # weights before merge, put back by unmerge
         self.rng = self.backend.rng(seed)  # dropout masks
         self._cache: ModelCache | None = None
 
@@ -301,11 +302,19 @@ class GPT:
                 else:
                     self.frozen.update(pnames)
 
-    def mark_merged(self, names: list[str]) -> None:
-        """Record which active adapters are inside W (merge / unmerge change W itself)."""
+    def mark_merged(self, names: list[str], saved: Mapping[str, Array] | None = None) -> None:
+        """Record which active adapters are inside W (merge / unmerge change W itself),
+        and the weights as they were before the first merge (``saved``: name -> copy),
+        which unmerge puts back."""
         if any(n not in self._active for n in names):
             raise ValueError(f"only active adapters {self._active} can be merged, not {names}")
         self._merged = list(names)
+        self._premerge = dict(saved or {}) if names else {}
+
+    @property
+    def premerge_weights(self) -> Mapping[str, Array]:
+        """The weights merge changed, as they were before it (empty when nothing is merged)."""
+        return MappingProxyType(self._premerge)
 
     def _live_adapters(self, module: str) -> list[str]:
         """Active adapters on ``module`` whose update is not already merged into W."""

@@ -249,29 +249,28 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny_config):
         assert rel <= tol
 
 
-def test_merge_unmerge_drift_stays_bounded(tiny_config):
-    """100 merge/unmerge cycles in float32 move W by at most ~1 ulp: the drift does not grow.
-
-    One cycle rounds twice, fl(fl(W + ΔW) - ΔW), which can differ from W by about one
-    ulp of |W| + |ΔW|. After that W sits on a value the same round trip maps to itself,
-    so cycles 2..100 add nothing.
-    """
+def test_unmerge_restores_w_exactly_where_subtracting_would_not(tiny_config):
+    """Subtracting ΔW again rounds twice, fl(fl(W + ΔW) - ΔW), and misses W by up to an
+    ulp of |W| + |ΔW|; unmerge puts back the W saved at merge time instead, so 100
+    cycles leave W and the base's fingerprint bit for bit as they were (and adapters
+    made for that base still fit it)."""
     model = random_model(tiny_config, dtype="float32")
     ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=("q",)))
     randomise_adapters(model)
     W = model.params["h.0.attn.q.weight"]
-    W0 = W.copy()
+    W0, fingerprint = W.copy(), model.base_fingerprint()
     dW = ml.delta_weight(
         model.params["h.0.attn.q.lora_A.default"], model.params["h.0.attn.q.lora_B.default"], 2.0
     )
-    ml.merge(model)
-    ml.unmerge(model)
-    after_one = W.copy()
-    for _ in range(99):
+    subtracted = (W0 + dW) - dW
+    assert not np.array_equal(subtracted, W0)  # the rounding that unmerge avoids
+    assert (np.abs(subtracted - W0) <= np.spacing(np.abs(W0) + np.abs(dW))).all()
+    for _ in range(100):
         ml.merge(model)
+        assert not np.array_equal(W, W0)
         ml.unmerge(model)
-    assert (np.abs(W - W0) <= np.spacing(np.abs(W0) + np.abs(dW))).all()
-    np.testing.assert_array_equal(W, after_one)
+    np.testing.assert_array_equal(W, W0)
+    assert model.base_fingerprint() == fingerprint and model.premerge_weights == {}
 
 
 def test_training_while_merged_is_refused(tiny_config):
