@@ -20,6 +20,7 @@ from typing import Any
 from minilora.backend import resolve_device
 from minilora.blas import limited_threads, usable_cores
 from minilora.checks import positive_int
+from minilora.train import progress_bar
 
 
 def _one(job: Callable[..., Any], settings: dict[str, Any]) -> Any:
@@ -40,14 +41,12 @@ def run_sweep(
     imports it by name), and what it returns must be picklable: plain records. Default
     ``processes``: the usable cores; 1 runs everything in this process.
     """
-    from tqdm.auto import tqdm
-
     settings = list(settings)
     processes = usable_cores() if processes is None else positive_int("processes", processes)
     if resolve_device() == "gpu":  # the runs would share one GPU: one at a time there
         processes = 1
     processes = min(processes, len(settings)) or 1
-    bar = tqdm(total=len(settings), desc=desc, unit="run", disable=not progress)
+    bar = progress_bar(progress, total=len(settings), desc=desc, unit="run")
     try:
         if processes == 1:
             results = []

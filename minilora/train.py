@@ -105,6 +105,16 @@ def clip_gradients(grads: dict[str, Any], max_norm: float) -> float:
     return norm
 
 
+def progress_bar(show: bool, **kwargs: Any) -> Any:
+    """A tqdm bar: tqdm.auto's (a widget in a notebook) when shown, else a silent one.
+    (Importing tqdm.auto in a notebook without ipywidgets warns, even for a hidden bar.)"""
+    if show:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(disable=not show, **kwargs)
+
+
 def step_seed(seed: int, step: int) -> int:
     """The seed of step ``step``'s batch and dropout masks: a pure function of both."""
     return (seed * 1_000_003 + step) % 2**63
@@ -314,8 +324,6 @@ class Trainer:
         resumed later is the same run. Ctrl-C finishes the current step, saves a
         checkpoint and re-raises KeyboardInterrupt.
         """
-        from tqdm.auto import tqdm
-
         if resume:
             self.load_checkpoint()
         else:
@@ -323,10 +331,10 @@ class Trainer:
         if self.threads_request == "auto" and "blas_threads" not in self.settings:
             self._measure_threads()
         cfg = self.cfg
-        bar = tqdm(
+        bar = progress_bar(
+            self.progress,
             total=cfg.steps,
             initial=self.step,
-            disable=not self.progress,
             desc="train",
             unit="step",
             dynamic_ncols=True,
