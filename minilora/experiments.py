@@ -110,7 +110,8 @@ def train_run(
         eval_size=eval_size,
         seed=seed,
     )
-    trainer = Trainer(model, task_obj, cfg, progress=False)
+    # one BLAS thread, as in a sweep: the same numbers whoever calls it (blas.py)
+    trainer = Trainer(model, task_obj, cfg, progress=False, threads=1)
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start
@@ -439,7 +440,7 @@ def _init_run(*, variant: str, steps: int, seed: int, **kwargs: Any) -> Record:
         eval_size=128,
         seed=seed,
     )
-    trainer = Trainer(model, task, cfg, progress=False)
+    trainer = Trainer(model, task, cfg, progress=False)  # run_sweep pins one BLAS thread
     val0 = trainer.validate()["loss"]
     losses, norms = [], [_delta_norm(model, lcfg)]
     for _ in range(steps):
