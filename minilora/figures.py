@@ -322,10 +322,8 @@ def plot_delta_w_spectrum(data: dict[str, Records]) -> Any:
     modules = list(dict.fromkeys(r["module"] for r in records))
     fig, axes = plt.subplots(1, len(modules), figsize=(6 * len(modules), 4.2))
     for ax, m in zip(np.atleast_1d(axes), modules, strict=True):
-        for (mode, r), _ in sorted(
-            _spread([x for x in records if x["module"] == m], "sigma", ["mode", "r"]).items(),
-            key=lambda kv: (kv[0][0] == "full", kv[0][1] or 0),
-        ):
+        runs = {(x["mode"], x["r"]) for x in records if x["module"] == m}
+        for mode, r in sorted(runs, key=lambda run: (run[0] == "full", run[1] or 0)):
             pts = [x for x in records if x["module"] == m and x["mode"] == mode and x["r"] == r]
             label = "full fine-tuning" if mode == "full" else f"LoRA r={r}"
             ax.plot(
