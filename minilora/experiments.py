@@ -92,13 +92,11 @@ def train_run(
     if pool is not None:
         task_obj = FixedPoolTask(task_obj, pool, block, seed=POOL_SEED)
     W0 = {m: to_host(model.params[f"{m}.weight"]).astype(np.float64) for m in keep}
+    alpha = 2.0 * r if alpha is None and r is not None else alpha
     lcfg = None
-    if r is not None:
-        alpha = 2.0 * r if alpha is None else alpha
+    if r is not None:  # else full fine-tuning: every weight trains
         lcfg = LoraConfig(r, alpha, dropout, targets, init, rslora)
-        add_adapter(model, lcfg, seed=seed)
-        if random_B:
-            _draw_B(model, r, seed)
+        _adapt(model, lcfg, random_B, seed)
     lr = lr if lr is not None else (LORA_LR if r is not None else FULL_LR)
     cfg = TrainConfig(
         steps=steps,
@@ -149,13 +147,16 @@ def train_run(
     return record
 
 
-def _draw_B(model: Any, r: int, seed: int) -> None:
-    """B drawn like A (N(0, 1/r^2)) instead of zero: the model no longer starts at the base."""
-    rng = np.random.default_rng([seed, 1])
-    for name in model.trainable_names():
-        if ".lora_B." in name:
-            value = rng.normal(0.0, 1.0 / r, model.params[name].shape)
-            model.params[name][...] = model.xp.asarray(value, dtype=model.dtype)
+def _adapt(model: Any, lcfg: LoraConfig, random_B: bool, seed: int) -> None:
+    """Add the adapter; with ``random_B``, B drawn like A (N(0, 1/r^2)) instead of zero,
+    so the adapted model no longer starts at the base."""
+    add_adapter(model, lcfg, seed=seed)
+    if random_B:
+        rng = np.random.default_rng([seed, 1])
+        for name in model.trainable_names():
+            if ".lora_B." in name:
+                value = rng.normal(0.0, 1.0 / lcfg.r, model.params[name].shape)
+                model.params[name][...] = model.xp.asarray(value, dtype=model.dtype)
 
 
 def _runs(settings: list[dict], processes: int | None, desc: str) -> list[Record]:
@@ -420,16 +421,14 @@ def init_and_scaling(
     return run_sweep(_init_run, settings, processes=processes, desc="init runs")
 
 
-def _init_run(*, variant: str, steps: int, seed: int, **kwargs: Any) -> Record:
+def _init_run(
+    *, variant: str, task: str, r: int, steps: int, seed: int, init: str, random_B: bool = False
+) -> Record:
     """Like train_run, but step by step: loss before each step and ||ΔW||_F after it."""
     model, tokenizer = load_base()
-    task, block = _task("shift", model, tokenizer)
-    r, init = kwargs["r"], kwargs.get("init", "gaussian")
-    targets = TASK_DEFAULTS["shift"]["targets"]
-    lcfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, init=init)
-    add_adapter(model, lcfg, seed=seed)
-    if kwargs.get("random_B", False):
-        _draw_B(model, r, seed)
+    task_obj, block = _task(task, model, tokenizer)
+    lcfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=TASK_DEFAULTS[task]["targets"], init=init)
+    _adapt(model, lcfg, random_B, seed)
     cfg = TrainConfig(
         steps=steps,
         batch_size=32,
@@ -440,7 +439,7 @@ def _init_run(*, variant: str, steps: int, seed: int, **kwargs: Any) -> Record:
         eval_size=128,
         seed=seed,
     )
-    trainer = Trainer(model, task, cfg, progress=False)  # run_sweep pins one BLAS thread
+    trainer = Trainer(model, task_obj, cfg, progress=False)  # run_sweep pins one BLAS thread
     val0 = trainer.validate()["loss"]
     losses, norms = [], [_delta_norm(model, lcfg)]
     for _ in range(steps):

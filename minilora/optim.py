@@ -26,6 +26,7 @@ class Optimizer:
         self.t = 0  # steps taken
         self.state: dict[str, dict[str, Any]] = {}  # name -> {"m": ..., "v": ...}
         self._owners: dict[str, Any] = {}  # name -> the parameter array its state belongs to
+        self._scratch: dict[str, Any] = {}  # name -> a work array for step(), not state
 
     def _slots(self, name: str, p: Any, keys: tuple[str, ...]) -> dict[str, Any]:
         """The state of parameter ``name``: zeros the first time, and again whenever the
@@ -34,7 +35,14 @@ class Optimizer:
         if self._owners.get(name) is not p:
             self.state[name] = {key: self.model.xp.zeros_like(p) for key in keys}
             self._owners[name] = p
+            self._scratch.pop(name, None)
         return self.state[name]
+
+    def _scratch_for(self, name: str, p: Any) -> Any:
+        """A work array shaped like ``p``, allocated once per parameter, never saved."""
+        if name not in self._scratch:
+            self._scratch[name] = self.model.xp.empty_like(p)
+        return self._scratch[name]
 
     def zero_grad(self) -> None:
         self.model.grads = {}
@@ -130,7 +138,7 @@ class AdamW(Optimizer):
             p = self.model.params[name]
             slots = self._slots(name, p, ("m", "v"))
             m, v = slots["m"], slots["v"]
-            buf = xp.empty_like(p)  # one scratch array instead of a temporary per operation
+            buf = self._scratch_for(name, p)  # instead of a temporary per operation
             m *= self.b1
             m += xp.multiply(g, 1.0 - self.b1, out=buf)
             v *= self.b2

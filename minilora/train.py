@@ -173,7 +173,6 @@ class Trainer:
             require_memory(need, f"a step with {what}={batch}", model.device)
         self.model, self.task, self.cfg = model, task, cfg
         self.folder = RunFolder(out_dir) if out_dir is not None else None
-        self.out_dir = self.folder.path if self.folder else None
         self.progress = progress
         self.settings = {"train": {k: asdict(cfg)[k] for k in RESULT_FIELDS}, **(settings or {})}
         self.overwrite = overwrite
@@ -347,13 +346,9 @@ class Trainer:
                     loss = self.train_step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    if _due(self.step, cfg.eval_every) and self.step < cfg.steps:
                         self.validate()
-                    if (
-                        self.folder
-                        and cfg.checkpoint_every
-                        and self.step % cfg.checkpoint_every == 0
-                    ):
+                    if self.folder is not None and _due(self.step, cfg.checkpoint_every):
                         self.save_checkpoint()
                     if interrupted:
                         raise KeyboardInterrupt
@@ -364,7 +359,8 @@ class Trainer:
                 print(f"interrupted at step {self.step}; saved {folder} (continue with --resume)")
             raise
         bar.close()
-        self.validate()
+        with limited_threads(self.blas_threads):  # the same rounding as the evaluations above
+            self.validate()
         if self.folder is not None:
             self.save_checkpoint()
         self.seconds = time.perf_counter() - start

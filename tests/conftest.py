@@ -30,6 +30,18 @@ def pytest_report_header(config):
     return f"PyTorch reference: torch {torch.__version__}, its tests run"
 
 
+SMALL_GPT = dict(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
+"""A one-block model the trainer tests train for a few steps."""
+
+
+def train_config(steps, **changes):
+    """The trainer tests' TrainConfig: a few fast steps; ``changes`` override fields."""
+    from minilora.train import TrainConfig
+
+    base = dict(steps=steps, batch_size=8, block_size=24, lr=1e-2, warmup=3, eval_every=0)
+    return TrainConfig(**{**base, "eval_size": 16, "seed": 5, **changes})
+
+
 @pytest.fixture
 def tiny_config():
     return ml.GPTConfig(**TINY)

@@ -11,7 +11,7 @@ in fact they are equal), and where it matters, says which host copies were made.
 import numpy as np
 import pytest
 import strict_backend
-from conftest import TINY, random_model, randomise_adapters, rel_error
+from conftest import SMALL_GPT, TINY, random_model, randomise_adapters, rel_error, train_config
 from test_parity import parity_forward_backward, parity_training
 
 import minilora as ml
@@ -21,7 +21,7 @@ from minilora.data import ShiftTask
 from minilora.gradcheck import gradcheck
 from minilora.gradcheck_report import full_report
 from minilora.planted import PlantedRankTask
-from minilora.train import TrainConfig, Trainer
+from minilora.train import Trainer
 
 TOL = 1e-10
 DEVICES = ("cpu", "gpu")
@@ -120,19 +120,8 @@ def test_the_trainer_runs_and_resumes_on_the_device(strict_gpu, tmp_path):
     """Trainer with clipping, evaluation and checkpoints: the same history and weights
     as NumPy, also when the device run is stopped after 2 steps and resumed. A step's
     host copies: the loss, and the gradient norm that clipping needs and the log keeps."""
-    cfg = ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
-    train = TrainConfig(
-        steps=4,
-        batch_size=8,
-        block_size=24,
-        lr=1e-2,
-        warmup=2,
-        eval_every=2,
-        eval_size=16,
-        checkpoint_every=2,
-        grad_clip=0.035,
-        seed=5,
-    )
+    cfg = ml.GPTConfig(**SMALL_GPT)
+    train = train_config(4, warmup=2, eval_every=2, checkpoint_every=2, grad_clip=0.035)
     lcfg = ml.LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=("q", "v"))
 
     def trainer(device, out):

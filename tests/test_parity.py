@@ -14,12 +14,12 @@ two devices train on different masks (backend.py, "Randomness").
 
 import numpy as np
 import pytest
-from conftest import TINY, rel_error
+from conftest import SMALL_GPT, TINY, rel_error, train_config
 
 import minilora as ml
 from minilora import backend
 from minilora.data import ShiftTask
-from minilora.train import TrainConfig, Trainer
+from minilora.train import Trainer
 
 TOL = {"float64": 1e-10, "float32": 1e-4}
 STEPS_TOL = {"float64": 1e-8, "float32": 1e-3}
@@ -77,18 +77,8 @@ def parity_forward_backward(device, dtype):
 
 def parity_training(device, dtype, steps=20):
     """20 LoRA steps of the trainer (AdamW, warm-up, clipping): the same losses."""
-    cfg = ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
-    train = TrainConfig(
-        steps=steps,
-        batch_size=8,
-        block_size=24,
-        lr=1e-2,
-        warmup=3,
-        eval_every=0,
-        eval_size=16,
-        grad_clip=0.5,
-        seed=5,
-    )
+    cfg = ml.GPTConfig(**SMALL_GPT)
+    train = train_config(steps, grad_clip=0.5)
     histories = []
     for where in ("cpu", device):
         model = ml.GPT(cfg, seed=0, dtype=dtype, device=where)

@@ -7,6 +7,7 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import SMALL_GPT, train_config
 
 import minilora as ml
 from minilora.data import ShiftTask
@@ -18,7 +19,7 @@ from minilora.train import (
     learning_rate,
 )
 
-SMALL = ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
+SMALL = ml.GPTConfig(**SMALL_GPT)
 
 
 def lora_model(seed=0, dropout=0.1):
@@ -27,19 +28,7 @@ def lora_model(seed=0, dropout=0.1):
     return model
 
 
-def config(steps, **kw):
-    base = dict(
-        steps=steps,
-        batch_size=8,
-        block_size=24,
-        lr=1e-2,
-        warmup=3,
-        eval_every=0,
-        eval_size=16,
-        seed=5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+config = train_config
 
 
 def test_learning_rate_warmup_then_cosine():
