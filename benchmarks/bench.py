@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from minilora import bench_report
+from minilora.lab import bench_report
 
 
 def main(argv: list[str] | None = None) -> int:

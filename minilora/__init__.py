@@ -4,7 +4,9 @@ A small GPT made of explicit arrays, every forward and backward pass written by 
 LoRA adapters on top, and the same code on NumPy (CPU) or CuPy (GPU).
 """
 
-from minilora.adapters import (
+from minilora.basics.backend import DeviceUnavailableError, get_backend, to_host
+from minilora.basics.version import __version__
+from minilora.core.adapters import (
     add_adapter,
     combine_adapters,
     delete_adapter,
@@ -13,10 +15,8 @@ from minilora.adapters import (
     set_adapter,
     unmerge,
 )
-from minilora.backend import DeviceUnavailableError, get_backend, to_host
-from minilora.checkpoints import load_adapter, load_base, load_model, save_adapter, save_model
-from minilora.gradcheck import check_gradients, format_report, gradcheck
-from minilora.lora import (
+from minilora.core.gradcheck import check_gradients, format_report, gradcheck
+from minilora.core.lora import (
     TARGET_MODULES,
     LoraBranch,
     LoraConfig,
@@ -24,10 +24,10 @@ from minilora.lora import (
     lora_linear_backward,
     lora_linear_forward,
 )
-from minilora.model import GPT, GPTConfig
-from minilora.optim import SGD, AdamW
-from minilora.params import count_parameters
-from minilora.version import __version__
+from minilora.core.model import GPT, GPTConfig
+from minilora.core.optim import SGD, AdamW
+from minilora.core.params import count_parameters
+from minilora.files.checkpoints import load_adapter, load_base, load_model, save_adapter, save_model
 
 __all__ = [
     "GPT",

@@ -1,3 +1,3 @@
-from minilora.cli import main
+from minilora.cli.main import main
 
 raise SystemExit(main())

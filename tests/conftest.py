@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import backend
-from minilora.backend import to_host
-from minilora.gradcheck import relative_error
-from minilora.gradcheck_report import randomize_for_check
+from minilora.basics import backend
+from minilora.basics.backend import to_host
+from minilora.core.gradcheck import relative_error
+from minilora.lab.gradcheck_report import randomize_for_check
 
 try:
     import resource
@@ -36,7 +36,7 @@ SMALL_GPT = dict(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
 
 def train_config(steps, **changes):
     """The trainer tests' TrainConfig: a few fast steps; ``changes`` override fields."""
-    from minilora.train import TrainConfig
+    from minilora.training.train import TrainConfig
 
     base = dict(steps=steps, batch_size=8, block_size=24, lr=1e-2, warmup=3, eval_every=0)
     return TrainConfig(**{**base, "eval_size": 16, "seed": 5, **changes})

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-import minilora.backend
+import minilora.basics.backend
 
 IMPLICIT = (
     "Implicit conversion to a NumPy array is not allowed. "
@@ -65,7 +65,7 @@ HINT = (
     "xp.asarray(host) to move host data to the device, and backend.to_host(x) where "
     "values leave the computation"
 )
-_SKIP_FILES = {os.path.abspath(__file__), os.path.abspath(minilora.backend.__file__)}
+_SKIP_FILES = {os.path.abspath(__file__), os.path.abspath(minilora.basics.backend.__file__)}
 
 
 # ------------------------------------------------------------------ the transfer log
@@ -392,5 +392,5 @@ def install(monkeypatch: Any) -> types.ModuleType:
     cupy, cupyx = make_modules()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    monkeypatch.setattr(minilora.backend, "_BACKENDS", {})  # forget any cached backend
+    monkeypatch.setattr(minilora.basics.backend, "_BACKENDS", {})  # forget any cached backend
     return cupy

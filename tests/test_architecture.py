@@ -1,9 +1,9 @@
-"""The package's shape: imports flow one way, down the layers of DESIGN.md.
+"""The package's shape: imports flow one way, down the subpackages, then down the modules.
 
-Run ``python tests/test_architecture.py`` to print the import graph, layer by layer.
+Run ``python tests/test_architecture.py`` to print the import graph, module by module.
 Every import counts, including those inside functions (a lazy import is still a
 dependency); only imports under ``if TYPE_CHECKING:`` are left out, because they never
-run.
+run. docs/DESIGN.md, "The package", explains the rooms.
 """
 
 import ast
@@ -12,38 +12,34 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 
+SUBPACKAGES = {
+    "basics": ["version", "checks", "backend", "blas"],
+    "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
+    "files": ["io", "checkpoints"],
+    "training": ["data", "planted", "runfolder", "train"],
+    "lab": [
+        "sweep",
+        "gradcheck_report",
+        "torch_reference",
+        "bench",
+        "bench_report",
+        "experiments",
+        "figures",
+    ],
+    "cli": ["demo", "commands", "main"],
+}
+"""Subpackages in import order, each with its modules in import order."""
+
 LAYERS = [
-    "version",
-    "checks",
-    "backend",
-    "blas",
-    "layers",
-    "lora",
-    "model",
-    "adapters",
-    "params",
-    "io",
-    "runfolder",
-    "data",
-    "checkpoints",
-    "planted",
-    "optim",
-    "train",
-    "sweep",
-    "gradcheck",
-    "gradcheck_report",
-    "torch_reference",
-    "bench",
-    "bench_report",
-    "experiments",
-    "figures",
-    "demo",
-    "commands",
-    "cli",
+    *(f"{pkg}.{m}" for pkg, modules in SUBPACKAGES.items() for m in [*modules, "__init__"]),
     "__init__",
     "__main__",
 ]
-"""Every module, in import order: a module may import only modules above it."""
+"""Every module, in import order: a module may import only modules above it. A
+subpackage's ``__init__`` comes after its modules; the package's own comes last."""
+
+READING_ORDER = [f"core.{m}" for m in SUBPACKAGES["core"]]
+"""The files a learner reads first: the README's package map starts with them."""
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -53,6 +49,14 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
+def _module_of(dotted: str) -> str:
+    """ "minilora.core.lora" -> "core.lora"; "minilora.core" -> "core.__init__"."""
+    rel = dotted.removeprefix("minilora").removeprefix(".")
+    if not rel:
+        return "__init__"
+    return rel if (PACKAGE / f"{rel.replace('.', '/')}.py").exists() else f"{rel}.__init__"
+
+
 def _imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
     """(module, imported names) for every minilora import that can run."""
     found = []
@@ -60,30 +64,32 @@ def _imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
         if isinstance(node, ast.If) and _is_type_checking(node):
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minilora"):
-            names = [a.name for a in node.names]
-            if node.module == "minilora":  # from minilora import checkpoints, __version__
-                for n in names:
-                    is_module = (PACKAGE / f"{n}.py").exists()
-                    found.append((f"minilora.{n}", []) if is_module else ("minilora", [n]))
-            else:
-                found.append((node.module, names))
+            folder = PACKAGE.joinpath(*node.module.split(".")[1:])
+            for alias in node.names:  # from minilora.core import lora: the module lora
+                if (folder / f"{alias.name}.py").exists():
+                    found.append((_module_of(f"{node.module}.{alias.name}"), []))
+                else:
+                    found.append((_module_of(node.module), [alias.name]))
         elif isinstance(node, ast.Import):
-            found += [(a.name, []) for a in node.names if a.name.startswith("minilora")]
+            found += [(_module_of(a.name), []) for a in node.names if a.name.startswith("minilora")]
         found += _imports(node)
     return found
+
+
+def _name(path: Path, package: Path) -> str:
+    return ".".join(path.relative_to(package).with_suffix("").parts)
 
 
 def import_graph() -> dict[str, dict[str, list[str]]]:
     """module -> {imported module -> names imported from it}, within the package."""
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = _name(path, PACKAGE)
         edges: dict[str, list[str]] = {}
         for module, names in _imports(ast.parse(path.read_text())):
-            short = module.removeprefix("minilora.").removeprefix("minilora")
-            short = short or "__init__"
-            if short != path.stem:
-                edges.setdefault(short, []).extend(names)
-        graph[path.stem] = edges
+            if module != me:
+                edges.setdefault(module, []).extend(names)
+        graph[me] = edges
     return graph
 
 
@@ -113,24 +119,30 @@ def test_no_module_imports_private_names():
     assert not private, private
 
 
-def test_the_readme_lists_the_modules_in_import_order():
-    """The package map a reader sees is the order this test enforces."""
+def test_the_readme_maps_every_module_reading_order_first():
+    """The package map starts with the core in reading order, then lists every other module."""
     readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme[readme.index("| layer | module |") :].split("\n\n")[0]
-    listed = re.findall(r"`(\w+)\.py`", table)
-    assert listed == [m for m in LAYERS if not m.startswith("__")]
+    table = readme[readme.index("| room | module |") :].split("\n\n")[0]
+    listed = [p.replace("/", ".") for p in re.findall(r"`([\w/]+)\.py`", table)]
+    assert listed[: len(READING_ORDER)] == READING_ORDER
+    assert sorted(listed) == sorted(m for m in LAYERS if not m.endswith(("__init__", "__main__")))
+    assert len(listed) == len(set(listed))
 
 
 def test_the_checker_finds_a_circle(tmp_path, monkeypatch):
     """The graph test can fail: a lazy import from a lower module is an upward edge."""
     monkeypatch.setattr("test_architecture.PACKAGE", tmp_path)
-    (tmp_path / "lora.py").write_text("def f():\n    from minilora.model import GPT\n")
-    (tmp_path / "model.py").write_text("from minilora.lora import f\n")
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "lora.py").write_text(
+        "def f():\n    from minilora.core.model import GPT\n"
+    )
+    (tmp_path / "core" / "model.py").write_text("from minilora.core import lora\n")
     graph = import_graph()
-    assert graph == {"lora": {"model": ["GPT"]}, "model": {"lora": ["f"]}}
+    assert graph == {"core.lora": {"core.model": ["GPT"]}, "core.model": {"core.lora": []}}
 
 
 if __name__ == "__main__":
+    graph = import_graph()
     for module in LAYERS:
-        edges = import_graph().get(module, {})
-        print(f"{module:18} <- {', '.join(sorted(edges, key=LAYERS.index)) or '(nothing)'}")
+        edges = graph.get(module, {})
+        print(f"{module:26} <- {', '.join(sorted(edges, key=LAYERS.index)) or '(nothing)'}")

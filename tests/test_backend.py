@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import backend, cli
+from minilora.basics import backend
+from minilora.cli import main as cli
 
 GPU_OK, GPU_REASON = backend.gpu_available()
 

@@ -2,7 +2,7 @@
 
 Every case prepares files under ``tmp_path`` (a tiny base model, an adapter, finished or
 edited runs, a sentinel folder ``victim`` next to the run folder), then runs
-``minilora.cli.main`` in-process and asserts what the CLI promises (README, "The command
+``minilora.cli.main.main`` in-process and asserts what the CLI promises (README, "The command
 line"; issue 8):
 
 - exit status 2 (argparse's errors too);
@@ -37,14 +37,14 @@ import numpy as np
 import pytest
 from conftest import Stalled, guarded
 
-from minilora.adapters import add_adapter
-from minilora.backend import gpu_available
-from minilora.checkpoints import load_base, save_adapter, save_model
-from minilora.cli import main
-from minilora.data import CharTokenizer
-from minilora.io import load_safetensors, save_safetensors
-from minilora.lora import LoraConfig
-from minilora.model import GPT, GPTConfig
+from minilora.basics.backend import gpu_available
+from minilora.cli.main import main
+from minilora.core.adapters import add_adapter
+from minilora.core.lora import LoraConfig
+from minilora.core.model import GPT, GPTConfig
+from minilora.core.tokenizer import CharTokenizer
+from minilora.files.checkpoints import load_base, save_adapter, save_model
+from minilora.files.io import load_safetensors, save_safetensors
 
 TOKENIZER = CharTokenizer.default()
 TINY = GPTConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=1, n_head=2, d_model=32)

@@ -10,12 +10,12 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from minilora import bench, bench_report
-from minilora import layers as layers_module
-from minilora import lora as lora_module
-from minilora import model as model_module
-from minilora.optim import AdamW
-from minilora.params import lora_parameter_count
+from minilora.core import layers as layers_module
+from minilora.core import lora as lora_module
+from minilora.core import model as model_module
+from minilora.core.optim import AdamW
+from minilora.core.params import lora_parameter_count
+from minilora.lab import bench, bench_report
 
 SECTIONS = ("config", "training", "forward", "memory", "flops", "ops", "torch")
 PARTS = ("weights", "gradients", "optimizer", "activations")
@@ -119,14 +119,15 @@ def test_flop_count_of_tiny_by_hand():
 
 def test_op_timer_times_the_ops_and_restores_them():
     before = _ops_in_namespaces()
-    assert ("minilora.lora", "linear_forward") in before  # the LoRA layer's own lookups
-    assert ("minilora.layers", "softmax_forward") in before  # attention's
+    assert ("minilora.core.lora", "linear_forward") in before  # the LoRA layer's own lookups
+    assert ("minilora.core.layers", "softmax_forward") in before  # attention's
     cfg, batch = bench.reference_config("tiny")
     model = bench.build_model(cfg, "lora")
     idx, targets = bench.make_batch(cfg, batch)
     with bench.timed_ops() as times:
         assert (
-            model_module.layer_norm_forward is not before[("minilora.model", "layer_norm_forward")]
+            model_module.layer_norm_forward
+            is not before[("minilora.core.model", "layer_norm_forward")]
         )
         model.loss(idx, targets)
         model.backward()

@@ -5,9 +5,9 @@ import json
 import pytest
 
 import minilora as ml
-from minilora import blas
-from minilora.data import ShiftTask
-from minilora.train import TrainConfig, Trainer
+from minilora.basics import blas
+from minilora.training.data import ShiftTask
+from minilora.training.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(blas.current_threads() is None, reason="no controllable BLAS")
 

@@ -4,7 +4,7 @@ a message that names the argument and what is allowed."""
 import numpy as np
 import pytest
 
-from minilora import checks
+from minilora.basics import checks
 
 
 @pytest.mark.parametrize(

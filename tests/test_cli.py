@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minilora.cli import main
+from minilora.cli.main import main
 
 
 def run(capsys, *argv):
@@ -74,7 +74,7 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, match):
 
 def test_gpu_without_cupy_is_one_line(capsys):
     """--device gpu on a machine without CuPy: one line saying how to install it."""
-    from minilora.backend import gpu_available
+    from minilora.basics.backend import gpu_available
 
     if gpu_available()[0]:
         pytest.skip("a GPU is available here")

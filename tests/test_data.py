@@ -8,13 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from minilora.data import (
-    DEFAULT_CHARS,
+from minilora.core.tokenizer import DEFAULT_CHARS, CharTokenizer
+from minilora.training.data import (
     EVAL_SEED_OFFSET,
     IGNORE_INDEX,
     TASKS,
     Batch,
-    CharTokenizer,
     Example,
     PretrainTask,
     RotTask,
@@ -360,7 +359,7 @@ def test_accuracy_errors():
 def test_planted_rank_task_is_exactly_representable():
     """LoRA with B A = ΔW / s on the planted modules reproduces the teacher exactly."""
     import minilora as ml
-    from minilora.planted import PlantedRankTask
+    from minilora.training.planted import PlantedRankTask
 
     cfg = ml.GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, d_model=16)
     base = ml.GPT(cfg, seed=0, dtype="float64")

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from minilora.cli import main
+from minilora.cli.main import main
 
 
 def run_demo(capsys, tmp_path, steps):

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from minilora import experiments as E
-from minilora import params
-from minilora.data import FixedPoolTask, ShiftTask
+from minilora.core import params
+from minilora.lab import experiments as E
+from minilora.training.data import FixedPoolTask, ShiftTask
 
 
 def test_parameter_counts_reproduce_the_lora_paper():
@@ -52,7 +52,7 @@ def test_a_training_run_is_a_deterministic_record():
 
 @pytest.mark.slow
 def test_quick_figures_draw_all_ten_with_their_data(tmp_path):
-    from minilora.figures import NAMES, make_figures
+    from minilora.lab.figures import NAMES, make_figures
 
     written = make_figures(tmp_path, quick=True, log=lambda message: None)
     assert [w["name"] for w in written] == list(NAMES) and len(NAMES) == 10
@@ -63,7 +63,7 @@ def test_quick_figures_draw_all_ten_with_their_data(tmp_path):
 
 
 def test_unknown_figure_is_refused(tmp_path):
-    from minilora.figures import make_figures
+    from minilora.lab.figures import make_figures
 
     with pytest.raises(ValueError, match="unknown figure 'nope'"):
         make_figures(tmp_path, only=["nope"])

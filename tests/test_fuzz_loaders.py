@@ -33,13 +33,14 @@ from conftest import guarded
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from minilora.adapters import add_adapter
-from minilora.checkpoints import load_adapter, load_model, save_adapter, save_model
-from minilora.data import CharTokenizer, ShiftTask
-from minilora.io import load_json, load_safetensors, serialize_safetensors
-from minilora.lora import INITS, TARGET_MODULES, LoraConfig
-from minilora.model import GPT, GPTConfig
-from minilora.train import TrainConfig, Trainer
+from minilora.core.adapters import add_adapter
+from minilora.core.lora import INITS, TARGET_MODULES, LoraConfig
+from minilora.core.model import GPT, GPTConfig
+from minilora.core.tokenizer import CharTokenizer
+from minilora.files.checkpoints import load_adapter, load_model, save_adapter, save_model
+from minilora.files.io import load_json, load_safetensors, serialize_safetensors
+from minilora.training.data import ShiftTask
+from minilora.training.train import TrainConfig, Trainer
 
 TOKENIZER = CharTokenizer.default()
 TINY = GPTConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=1, n_head=2, d_model=16)

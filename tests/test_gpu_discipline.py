@@ -15,13 +15,14 @@ from conftest import SMALL_GPT, TINY, random_model, randomise_adapters, rel_erro
 from test_parity import parity_forward_backward, parity_training
 
 import minilora as ml
-from minilora import backend, checkpoints
-from minilora import layers as L
-from minilora.data import ShiftTask
-from minilora.gradcheck import gradcheck
-from minilora.gradcheck_report import full_report
-from minilora.planted import PlantedRankTask
-from minilora.train import Trainer
+from minilora.basics import backend
+from minilora.core import layers as L
+from minilora.core.gradcheck import gradcheck
+from minilora.files import checkpoints
+from minilora.lab.gradcheck_report import full_report
+from minilora.training.data import ShiftTask
+from minilora.training.planted import PlantedRankTask
+from minilora.training.train import Trainer
 
 TOL = 1e-10
 DEVICES = ("cpu", "gpu")
@@ -105,7 +106,7 @@ def test_a_training_step_copies_only_the_loss_to_the_host(strict_gpu):
         ml.SGD(model, lr=1e-2, momentum=0.9).step()
         model.grads = grads
         if device == "gpu":
-            assert strict_gpu.transfers.sites() == ["minilora.layers.cross_entropy_forward"]
+            assert strict_gpu.transfers.sites() == ["minilora.core.layers.cross_entropy_forward"]
             assert all(backend.is_device_array(g) for g in model.grads.values())
         model.result = loss
     cpu, gpu = models["cpu"], models["gpu"]
@@ -136,8 +137,8 @@ def test_the_trainer_runs_and_resumes_on_the_device(strict_gpu, tmp_path):
     strict_gpu.transfers.clear()
     gpu.train_step()
     assert strict_gpu.transfers.sites() == [
-        "minilora.layers.cross_entropy_forward",
-        "minilora.train.clip_gradients",
+        "minilora.core.layers.cross_entropy_forward",
+        "minilora.training.train.clip_gradients",
     ]
     gpu.save_checkpoint()
     resumed = trainer("gpu", tmp_path / "gpu")

@@ -35,28 +35,29 @@ ANYWHERE = {
 """NumPy calls allowed everywhere: they act on host values (dtypes, scalars, seeds)."""
 
 HOST_BOUNDARY = {
-    "backend.py": "the one module that chooses NumPy or CuPy",
-    "io.py": "file formats: reads and writes host arrays",
-    "data.py": "tokenizer, tasks and batches are prepared on the host",
-    "gradcheck.py": "finite differences' bookkeeping on host copies (backend.to_host)",
-    "bench.py": "measurements and statistics of host timings and host copies",
-    "torch_reference.py": "copies host arrays into PyTorch",
-    "demo.py": "prints differences of host copies",
-    "experiments.py": "records for figures and notebooks: host values after to_host",
-    "figures.py": "plots of host values",
-    "lora.py::random_factors": "LoRA's random init, drawn on the host in float64, then moved",
-    "lora.py::pissa_factors": "PiSSA's SVD of a host copy of W, in float64",
-    "model.py::init_parameters": "GPT-2's init, drawn on the host so every device gets it",
-    "model.py::GPT._as_ids": "token ids are checked on the host before they move",
-    "model.py::GPT.generate": "sampling from host copies of the last logits with a host rng",
-    "model.py::weights_fingerprint": "hashes host copies of the weights",
-    "adapters.py::_weighted_parts": "combine_adapters stacks host copies in float64",
-    "adapters.py::_truncate": "the SVD of the combined update, on the host in float64",
-    "optim.py::Optimizer.load_state_dict": "checks the shapes of host state from a checkpoint",
-    "train.py::evaluate": "joins host copies of the predictions for accuracy",
-    "planted.py::PlantedRankTask.__init__": "the planted rank-k change is made on the host",
+    "basics/backend.py": "the one module that chooses NumPy or CuPy",
+    "files/io.py": "file formats: reads and writes host arrays",
+    "training/data.py": "tasks and batches are prepared on the host",
+    "core/tokenizer.py": "characters become ids on the host",
+    "core/gradcheck.py": "finite differences' bookkeeping on host copies (backend.to_host)",
+    "lab/bench.py": "measurements and statistics of host timings and host copies",
+    "lab/torch_reference.py": "copies host arrays into PyTorch",
+    "cli/demo.py": "prints differences of host copies",
+    "lab/experiments.py": "records for figures and notebooks: host values after to_host",
+    "lab/figures.py": "plots of host values",
+    "core/lora.py::random_factors": "LoRA's random init, drawn on the host in float64, then moved",
+    "core/lora.py::pissa_factors": "PiSSA's SVD of a host copy of W, in float64",
+    "core/model.py::init_parameters": "GPT-2's init, drawn on the host so every device gets it",
+    "core/model.py::GPT._as_ids": "token ids are checked on the host before they move",
+    "core/model.py::GPT.generate": "sampling from host copies of the last logits with a host rng",
+    "core/model.py::weights_fingerprint": "hashes host copies of the weights",
+    "core/adapters.py::_weighted_parts": "combine_adapters stacks host copies in float64",
+    "core/adapters.py::_truncate": "the SVD of the combined update, on the host in float64",
+    "core/optim.py::Optimizer.load_state_dict": "checks the shapes of host state from a checkpoint",
+    "training/train.py::evaluate": "joins host copies of the predictions for accuracy",
+    "training/planted.py::PlantedRankTask.__init__": "the planted change is made on the host",
 }
-"""Modules ("io.py") or functions ("model.py::GPT.generate") at the host boundary."""
+"""Modules ("files/io.py") or functions ("core/model.py::GPT.generate") at the host boundary."""
 
 INSTEAD = (
     "array code must run on CuPy too: use the namespace of the arrays, xp = xp_of(x) "
@@ -115,10 +116,13 @@ class _Scanner(ast.NodeVisitor):
 def numpy_calls(package: Path = PACKAGE) -> list[tuple[str, int, str, str]]:
     """(file, line, function qualname or "", call) for every module of ``package``."""
     calls = []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         scanner = _Scanner()
         scanner.visit(ast.parse(path.read_text()))
-        calls += [(path.name, line, where, call) for line, where, call in scanner.found]
+        calls += [
+            (path.relative_to(package).as_posix(), line, where, call)
+            for line, where, call in scanner.found
+        ]
     return calls
 
 
@@ -153,7 +157,7 @@ def test_numpy_is_called_only_at_the_host_boundary():
 def test_every_allowlist_entry_still_allows_something():
     """A stale entry would let new NumPy calls into a place that no longer needs any."""
     used = {allowed_by(file, where, call) for file, _, where, call in numpy_calls()}
-    existing = {p.name for p in PACKAGE.glob("*.py")}
+    existing = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
     stale = [
         key
         for key in HOST_BOUNDARY
@@ -170,7 +174,8 @@ def test_the_scan_finds_numpy_in_array_code(tmp_path):
         "        dt = np.dtype('float32')\n"
         "        return np.exp(x) + numpy.linalg.norm(x) + exp(x)\n"
     )
-    (tmp_path / "io.py").write_text(
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "io.py").write_text(
         "import numpy as np\n\ndef save(x):\n    return np.asarray(x)\n"
     )
     found = violations(tmp_path)

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-import minilora.io as mio
-from minilora.io import (
+import minilora.files.io as mio
+from minilora.files.io import (
     atomic_write_bytes,
     load_json,
     load_safetensors,

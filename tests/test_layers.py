@@ -1,4 +1,4 @@
-"""Every forward/backward pair in ``minilora.layers``: finite-difference gradient checks
+"""Every forward/backward pair in ``minilora.core.layers``: finite-difference gradient checks
 in float64, plus the behaviour each pair promises (masking, stability, flags, dropout).
 """
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from minilora import layers as L
-from minilora.gradcheck import check_gradients, gradcheck
+from minilora.core import layers as L
+from minilora.core.gradcheck import check_gradients, gradcheck
 
 TOL = 1e-6
 F64 = np.dtype("float64")

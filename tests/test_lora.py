@@ -9,9 +9,9 @@ from conftest import random_model, randomise_adapters
 from conftest import token_batch as batch
 
 import minilora as ml
-from minilora.gradcheck import check_gradients, gradcheck
-from minilora.layers import dropout_mask
-from minilora.lora import lora_backward, lora_forward
+from minilora.core.gradcheck import check_gradients, gradcheck
+from minilora.core.layers import dropout_mask
+from minilora.core.lora import lora_backward, lora_forward
 
 ALL = ml.TARGET_MODULES
 
@@ -450,7 +450,7 @@ def test_save_load_round_trip_bit_for_bit(tiny_config, tmp_path):
     ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=("q", "v")), "task")
     randomise_adapters(model)
     info = ml.save_adapter(model, tmp_path / "ad", name="task")
-    tensors, _ = ml.io.load_safetensors(tmp_path / "ad" / "adapter_model.safetensors")
+    tensors, _ = ml.files.io.load_safetensors(tmp_path / "ad" / "adapter_model.safetensors")
     assert all(".lora_A" in k or ".lora_B" in k for k in tensors)
     assert info["bytes"] < 16 * 1024
 

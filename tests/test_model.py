@@ -9,8 +9,8 @@ import pytest
 from conftest import TINY, random_model, token_batch
 
 import minilora as ml
-import minilora.model as model_module
-from minilora.gradcheck import check_gradients, format_report
+import minilora.core.model as model_module
+from minilora.core.gradcheck import check_gradients, format_report
 
 TOL = 1e-6
 

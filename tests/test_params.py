@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora.params import (
+from minilora.core.params import (
     PRESETS,
     accounting_table,
     count_architecture,

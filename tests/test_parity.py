@@ -17,9 +17,9 @@ import pytest
 from conftest import SMALL_GPT, TINY, rel_error, train_config
 
 import minilora as ml
-from minilora import backend
-from minilora.data import ShiftTask
-from minilora.train import Trainer
+from minilora.basics import backend
+from minilora.training.data import ShiftTask
+from minilora.training.train import Trainer
 
 TOL = {"float64": 1e-10, "float32": 1e-4}
 STEPS_TOL = {"float64": 1e-8, "float32": 1e-3}

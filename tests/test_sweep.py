@@ -4,8 +4,8 @@ number of processes."""
 import numpy as np
 import pytest
 
-from minilora import blas
-from minilora.sweep import run_sweep
+from minilora.basics import blas
+from minilora.lab.sweep import run_sweep
 
 
 def matmul_record(seed, n=64):

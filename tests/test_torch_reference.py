@@ -13,7 +13,7 @@ from conftest import random_model
 from conftest import rel_error as rel
 
 import minilora as ml
-from minilora.torch_reference import lora_branches, to_torch_state, torch_forward, torch_loss
+from minilora.lab.torch_reference import lora_branches, to_torch_state, torch_forward, torch_loss
 
 if os.environ.get("MINILORA_REQUIRE_REFERENCE") == "1":
     import torch  # CI installs the `ref` extra: a missing reference must fail, not skip
@@ -53,14 +53,14 @@ def test_lora_gradients_match_torch(tiny_config, monkeypatch):
 
     # record the dropout masks minilora draws, to hand the same ones to torch
     masks = {}
-    original = ml.lora.lora_forward
+    original = ml.core.lora.lora_forward
 
     def recording(x, A, B, scale, mask=None):
         out, cache = original(x, A, B, scale, mask)
         masks[len(masks)] = mask
         return out, cache
 
-    monkeypatch.setattr(ml.lora, "lora_forward", recording)  # the LoRA layer's branch
+    monkeypatch.setattr(ml.core.lora, "lora_forward", recording)  # the LoRA layer's branch
     loss = model.loss(idx, targets, train=True)
     monkeypatch.undo()
     model.backward()

@@ -10,8 +10,8 @@ import pytest
 from conftest import SMALL_GPT, train_config
 
 import minilora as ml
-from minilora.data import ShiftTask
-from minilora.train import (
+from minilora.training.data import ShiftTask
+from minilora.training.train import (
     TrainConfig,
     Trainer,
     TrainingDiverged,

@@ -17,10 +17,10 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from minilora.backend import resolve_device
-from minilora.blas import limited_threads, usable_cores
-from minilora.checks import positive_int
-from minilora.train import progress_bar
+from minilora.basics.backend import resolve_device
+from minilora.basics.blas import limited_threads, usable_cores
+from minilora.basics.checks import positive_int
+from minilora.training.train import progress_bar
 
 
 def _one(job: Callable[..., Any], settings: dict[str, Any]) -> Any:

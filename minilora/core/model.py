@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from minilora.backend import (
+from minilora.basics.backend import (
     finite_as,
     get_backend,
     host_rng,
@@ -44,8 +44,8 @@ from minilora.backend import (
     resolve_dtype,
     to_host,
 )
-from minilora.checks import non_negative_int, positive_int, positive_real, probability
-from minilora.layers import (
+from minilora.basics.checks import non_negative_int, positive_int, positive_real, probability
+from minilora.core.layers import (
     IGNORE_INDEX,
     attention_backward,
     attention_forward,
@@ -65,7 +65,13 @@ from minilora.layers import (
     residual_backward,
     residual_forward,
 )
-from minilora.lora import Adapter, LoraBranch, lora_linear_backward, lora_linear_forward, lora_names
+from minilora.core.lora import (
+    Adapter,
+    LoraBranch,
+    lora_linear_backward,
+    lora_linear_forward,
+    lora_names,
+)
 
 Array = Any
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
+from minilora.basics.backend import to_host
 
 Tensor = Any  # a torch.Tensor (torch is imported lazily)
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from minilora.checks import (
+from minilora.basics.checks import (
     boolean,
     distinct_indices,
     distinct_names,
@@ -43,7 +43,7 @@ from minilora.checks import (
     positive_real,
     probability,
 )
-from minilora.layers import (
+from minilora.core.layers import (
     as_rows,
     dropout_backward,
     dropout_forward,

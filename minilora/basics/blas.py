@@ -25,7 +25,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from minilora.checks import positive_int
+from minilora.basics.checks import positive_int
 
 
 def usable_cores() -> int:

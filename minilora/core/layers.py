@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from minilora.backend import scatter_add, to_host, xp_of
+from minilora.basics.backend import scatter_add, to_host, xp_of
 
 Array = Any  # a NumPy or CuPy ndarray
 

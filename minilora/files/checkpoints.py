@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from minilora.adapters import (
+from minilora.basics.backend import finite_as, to_host
+from minilora.basics.version import __version__
+from minilora.core.adapters import (
     adapter_modules,
     apply_pissa_split,
     check_adapter_name,
@@ -29,18 +31,16 @@ from minilora.adapters import (
     pissa_split,
     require_unmerged,
 )
-from minilora.backend import finite_as, to_host
-from minilora.data import CharTokenizer
-from minilora.io import load_json, load_safetensors, save_json, save_safetensors
-from minilora.lora import LoraConfig, lora_names
-from minilora.model import GPT, GPTConfig, parameter_shapes, weights_fingerprint
-from minilora.version import __version__
+from minilora.core.lora import LoraConfig, lora_names
+from minilora.core.model import GPT, GPTConfig, parameter_shapes, weights_fingerprint
+from minilora.core.tokenizer import CharTokenizer
+from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
-BUILTIN_BASE = Path(__file__).parent / "assets" / "base-small"
+BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from minilora import layers as L
-from minilora.adapters import add_adapter
-from minilora.backend import get_backend, to_host, xp_of
-from minilora.gradcheck import CheckResult, check_gradients, gradcheck
-from minilora.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
-from minilora.model import GPT, GPTConfig
+from minilora.basics.backend import get_backend, to_host, xp_of
+from minilora.core import layers as L
+from minilora.core.adapters import add_adapter
+from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
+from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
+from minilora.core.model import GPT, GPTConfig
 
 Array = Any
 

@@ -7,8 +7,8 @@ import sys
 import textwrap
 from typing import Any
 
-from minilora.bench import CONFIGS, FLOP_COUNT, MB, MODES, SETTLE_S, run_benchmark
-from minilora.io import save_json
+from minilora.files.io import save_json
+from minilora.lab.bench import CONFIGS, FLOP_COUNT, MB, MODES, SETTLE_S, run_benchmark
 
 
 # ---------------------------------------------------------------------- the table

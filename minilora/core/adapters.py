@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import require_memory, to_host
-from minilora.checks import non_negative_int, positive_int, real
-from minilora.lora import (
+from minilora.basics.backend import require_memory, to_host
+from minilora.basics.checks import non_negative_int, positive_int, real
+from minilora.core.lora import (
     TARGET_MODULES,
     Adapter,
     LoraConfig,
@@ -29,7 +29,7 @@ from minilora.lora import (
     pissa_factors,
     random_factors,
 )
-from minilora.model import GPT
+from minilora.core.model import GPT
 
 Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B) on the host
 

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from minilora.checks import distinct_indices, distinct_names, one_of, positive_int
-from minilora.lora import TARGET_MODULES, module_path
-from minilora.model import GPTConfig, parameter_shapes
+from minilora.basics.checks import distinct_indices, distinct_names, one_of, positive_int
+from minilora.core.lora import TARGET_MODULES, module_path
+from minilora.core.model import GPTConfig, parameter_shapes
 
 # The reference configurations of DESIGN.md, and the two models of the LoRA paper's story.
 PRESETS: dict[str, dict[str, int]] = {

@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import finite_as, require_memory, to_host
-from minilora.blas import choose_threads, limited_threads
-from minilora.checks import non_negative_int, positive_int
-from minilora.data import Batch, answer_accuracy
-from minilora.layers import IGNORE_INDEX, cross_entropy_forward
-from minilora.model import GPT
-from minilora.optim import AdamW
-from minilora.params import activation_bytes
-from minilora.runfolder import RunFolder
+from minilora.basics.backend import finite_as, require_memory, to_host
+from minilora.basics.blas import choose_threads, limited_threads
+from minilora.basics.checks import non_negative_int, positive_int
+from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
+from minilora.core.model import GPT
+from minilora.core.optim import AdamW
+from minilora.core.params import activation_bytes
+from minilora.training.data import Batch, answer_accuracy
+from minilora.training.runfolder import RunFolder
 
 
 class TrainingDiverged(ValueError):

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from minilora import experiments as E
-from minilora.io import atomic_write_bytes, save_json
+from minilora.files.io import atomic_write_bytes, save_json
+from minilora.lab import experiments as E
 
 Records = list[dict[str, Any]]
 

@@ -10,20 +10,23 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from minilora import bench_report, checkpoints, params
-from minilora.adapters import add_adapter, merge, set_adapter
-from minilora.blas import describe as describe_threads
-from minilora.checkpoints import load_base
-from minilora.checks import one_of
-from minilora.data import CharTokenizer, TextFileTask, get_task
-from minilora.demo import run_demo
-from minilora.gradcheck import format_report
-from minilora.gradcheck_report import full_report
-from minilora.lora import LoraConfig
-from minilora.model import GPT, GPTConfig
-from minilora.planted import PlantedRankTask
-from minilora.runfolder import RunFolder
-from minilora.train import TrainConfig, Trainer
+from minilora.basics.blas import describe as describe_threads
+from minilora.basics.checks import one_of
+from minilora.cli.demo import run_demo
+from minilora.core import params
+from minilora.core.adapters import add_adapter, merge, set_adapter
+from minilora.core.gradcheck import format_report
+from minilora.core.lora import LoraConfig
+from minilora.core.model import GPT, GPTConfig
+from minilora.core.tokenizer import CharTokenizer
+from minilora.files import checkpoints
+from minilora.files.checkpoints import load_base
+from minilora.lab import bench_report
+from minilora.lab.gradcheck_report import full_report
+from minilora.training.data import TextFileTask, get_task
+from minilora.training.planted import PlantedRankTask
+from minilora.training.runfolder import RunFolder
+from minilora.training.train import TrainConfig, Trainer
 
 FINETUNE_TASKS = ("shift", "rot", "planted")
 PRODUCT_FILES = {
@@ -246,7 +249,7 @@ def gradcheck_command(args: Namespace) -> int:
 
 
 def figures_command(args: Namespace) -> int:
-    from minilora.figures import make_figures  # matplotlib is an optional extra
+    from minilora.lab.figures import make_figures  # matplotlib is an optional extra
 
     if args.device is not None:  # the sweep's worker processes read it from the environment
         os.environ["MINILORA_DEVICE"] = args.device

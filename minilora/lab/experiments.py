@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from minilora import params
-from minilora.adapters import add_adapter
-from minilora.backend import to_host
-from minilora.bench import build_model, make_batch, measure_memory, reference_config
-from minilora.checkpoints import load_base
-from minilora.data import FixedPoolTask, get_task
-from minilora.lora import LoraConfig, delta_weight, lora_names
-from minilora.optim import AdamW
-from minilora.planted import PlantedRankTask
-from minilora.sweep import run_sweep
-from minilora.train import TrainConfig, Trainer, evaluate
+from minilora.basics.backend import to_host
+from minilora.core import params
+from minilora.core.adapters import add_adapter
+from minilora.core.lora import LoraConfig, delta_weight, lora_names
+from minilora.core.optim import AdamW
+from minilora.files.checkpoints import load_base
+from minilora.lab.bench import build_model, make_batch, measure_memory, reference_config
+from minilora.lab.sweep import run_sweep
+from minilora.training.data import FixedPoolTask, get_task
+from minilora.training.planted import PlantedRankTask
+from minilora.training.train import TrainConfig, Trainer, evaluate
 
 Record = dict[str, Any]
 

@@ -42,18 +42,18 @@ from typing import Any
 
 import numpy as np
 
-from minilora import layers as layers_module
-from minilora import lora as lora_module
-from minilora import model as model_module
-from minilora.adapters import add_adapter, merge
-from minilora.backend import Backend, get_backend, host_rng, to_host
-from minilora.blas import blas_libraries, limited_threads, usable_cores
-from minilora.checks import non_negative_int, one_of, positive_int
-from minilora.lora import LoraConfig
-from minilora.model import GPT, GPTConfig, parameter_shapes
-from minilora.optim import AdamW
-from minilora.params import lora_parameter_count, memory_estimate, preset
-from minilora.torch_reference import (
+from minilora.basics.backend import Backend, get_backend, host_rng, to_host
+from minilora.basics.blas import blas_libraries, limited_threads, usable_cores
+from minilora.basics.checks import non_negative_int, one_of, positive_int
+from minilora.core import layers as layers_module
+from minilora.core import lora as lora_module
+from minilora.core import model as model_module
+from minilora.core.adapters import add_adapter, merge
+from minilora.core.lora import LoraConfig
+from minilora.core.model import GPT, GPTConfig, parameter_shapes
+from minilora.core.optim import AdamW
+from minilora.core.params import lora_parameter_count, memory_estimate, preset
+from minilora.lab.torch_reference import (
     lora_branches,
     to_torch_state,
     torch_available,

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host, xp_of
+from minilora.basics.backend import to_host, xp_of
 
 Array = Any
 

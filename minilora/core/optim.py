@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
-from minilora.checks import in_range, non_negative_int
+from minilora.basics.backend import to_host
+from minilora.basics.checks import in_range, non_negative_int
 
 
 class Optimizer:

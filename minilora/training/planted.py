@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from minilora.backend import to_host
-from minilora.checks import distinct_names, positive_int, positive_real
-from minilora.data import (
+from minilora.basics.backend import to_host
+from minilora.basics.checks import distinct_names, positive_int, positive_real
+from minilora.core.lora import TARGET_MODULES, module_path
+from minilora.core.model import GPT
+from minilora.core.tokenizer import CharTokenizer
+from minilora.training.data import (
     EVAL_SEED_OFFSET,
     Batch,
-    CharTokenizer,
     PretrainTask,
     SeedLike,
     lm_windows,
 )
-from minilora.lora import TARGET_MODULES, module_path
-from minilora.model import GPT
 
 
 class PlantedRankTask:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minilora import bench_report
-from minilora.backend import DeviceUnavailableError
+from minilora.basics.backend import DeviceUnavailableError
+from minilora.lab import bench_report
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from minilora import commands
+    from minilora.cli import commands
 
     try:
         return commands.COMMANDS[args.command](args)

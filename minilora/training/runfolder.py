@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from minilora.io import load_json, load_safetensors, remove_temporaries, save_json, save_safetensors
+from minilora.files.io import (
+    load_json,
+    load_safetensors,
+    remove_temporaries,
+    save_json,
+    save_safetensors,
+)
 
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"

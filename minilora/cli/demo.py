@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora import checkpoints, params
-from minilora.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
-from minilora.backend import to_host
-from minilora.blas import describe as describe_threads
-from minilora.checkpoints import BUILTIN_BASE, load_base
-from minilora.data import get_task
-from minilora.lora import LoraConfig, delta_weight
-from minilora.train import TrainConfig, Trainer, evaluate
+from minilora.basics.backend import to_host
+from minilora.basics.blas import describe as describe_threads
+from minilora.core import params
+from minilora.core.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
+from minilora.core.lora import LoraConfig, delta_weight
+from minilora.files import checkpoints
+from minilora.files.checkpoints import BUILTIN_BASE, load_base
+from minilora.training.data import get_task
+from minilora.training.train import TrainConfig, Trainer, evaluate
 
 BATCH_SIZE = 64
 

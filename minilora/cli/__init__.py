@@ -1,0 +1,1 @@
+"""The command line: ``minilora demo`` and the other commands."""
