@@ -18,7 +18,7 @@ except ImportError:  # not on Windows: the memory cap is then skipped
     resource = None
 
 TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
-"""The "tiny" reference configuration (DESIGN.md): gradient checks in float64."""
+"""The "tiny" configuration (docs/DESIGN.md, "Reference configurations"): float64 checks."""
 
 
 def pytest_report_header(config):

@@ -1,6 +1,6 @@
 """A strict stand-in for CuPy: the GPU discipline, tested on a machine without a GPU.
 
-minilora's rule (DESIGN.md, backend.py) is that array code uses the namespace of its
+minilora's rule (docs/DESIGN.md, "Backend and determinism"): array code uses the namespace of its
 arrays (``xp_of(x)``, ``model.xp``) and copies to the host only where values leave the
 computation, through ``backend.to_host``. On NumPy every slip is invisible: a host
 array *is* the device array, ``np.exp`` works on it, and ``np.asarray`` is free. The

@@ -86,7 +86,7 @@ def test_lora_backward_skips_frozen_factors():
     dx_none, dA_none, dB_none = lora_backward(dh, cache, need_dA=False, need_dB=False)
     assert dA_none is None and dB_none is None
     np.testing.assert_array_equal(dx_all, dx_none)
-    # and the closed forms of DESIGN.md, written out once more
+    # and the closed forms of docs/DESIGN.md, "LoRA math", written out once more
     u = x @ A.T
     np.testing.assert_allclose(dB, 0.5 * dh.T @ u)
     np.testing.assert_allclose(dA, (0.5 * dh @ B).T @ x)

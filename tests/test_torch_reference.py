@@ -1,8 +1,9 @@
 """An independent check: the same architecture written with PyTorch autograd.
 
-Weights travel through ``state_dict`` (DESIGN.md names), so this also checks that the
-names, the (d_out, d_in) layout, the tied head, tanh GELU, LayerNorm eps = 1e-5 and
-the LoRA scale/dropout placement mean what DESIGN.md says. Skipped without torch.
+Weights travel through ``state_dict`` (docs/DESIGN.md, "Parameter names"), so this also
+checks that the names, the (d_out, d_in) layout, the tied head, tanh GELU, LayerNorm
+eps = 1e-5 and the LoRA scale/dropout placement mean what docs/DESIGN.md, "LoRA math",
+says. Skipped without torch.
 """
 
 import os

@@ -92,7 +92,7 @@ def lora_forward(
 def lora_backward(
     dh: Array, cache: LoraCache, need_dA: bool = True, need_dB: bool = True
 ) -> tuple[Array, Array | None, Array | None]:
-    """Gradients of the adapter branch (DESIGN.md, "LoRA math"), on rows.
+    """Gradients of the adapter branch (docs/DESIGN.md, "LoRA math"), on rows.
 
     dh (N..., d_out) -> the adapter's part of dx (N..., d_in), dA (r, d_in), dB (d_out, r).
     """

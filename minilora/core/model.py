@@ -12,7 +12,7 @@ the reverse order, one per line, so the two read as mirror images. Every linear 
 before any adapter is added): the layer that is taught and gradient-checked.
 
 All parameters live in one flat dict, ``model.params``, under GPT-2's dotted names
-(DESIGN.md). ``model.grads`` has the same keys, for trainable parameters only: a
+(docs/DESIGN.md, "Parameter names"). ``model.grads`` has the same keys, trainable only: a
 frozen parameter never gets a gradient buffer.
 
 Adapter state has one owner: the model. Which adapters exist, which are active and
@@ -557,7 +557,7 @@ class GPT:
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Host copies of every parameter (LoRA ones included), under DESIGN.md names."""
+        """Host copies of all parameters, LoRA's too (docs/DESIGN.md, "Parameter names")."""
         return {name: to_host(value).copy() for name, value in self.params.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Parameter and memory accounting: why LoRA makes fine-tuning cheap.
 
-Everything here is arithmetic on the architecture (DESIGN.md, "The model"), so it works
+Everything here is arithmetic on the architecture (docs/DESIGN.md, "The model"), so it works
 for GPT-3 175B without allocating a single array. :func:`count_parameters` does the same
 bookkeeping for a live model by summing the sizes of its arrays.
 
@@ -26,7 +26,7 @@ from minilora.basics.checks import distinct_indices, distinct_names, one_of, pos
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPTConfig, parameter_shapes
 
-# The reference configurations of DESIGN.md, and the two models of the LoRA paper's story.
+# docs/DESIGN.md, "Reference configurations", and the two models of the LoRA paper's story.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(vocab_size=65, d_model=32, n_layer=2, n_head=2, block_size=16, batch_size=4),
     "small": dict(vocab_size=96, d_model=128, n_layer=4, n_head=4, block_size=64, batch_size=32),

@@ -3,7 +3,7 @@
 Behind ``minilora bench`` and ``benchmarks/bench.py``. Every function returns plain
 dicts of numbers and strings (JSON as it is); :func:`bench_report.format_results` turns the whole
 result into one text table. What is measured, on the reference configurations of
-DESIGN.md (small and medium on the CPU, large on the GPU), in float32 with LoRA r=8,
+docs/DESIGN.md, "Reference configurations" (small, medium: CPU; large: GPU), float32, LoRA r=8,
 alpha=16 on q, k, v, o and dropout 0:
 
 - training step (forward, backward, AdamW step), full fine-tuning and LoRA: median
@@ -62,7 +62,7 @@ from minilora.lab.torch_reference import (
 )
 
 CONFIGS = ("tiny", "small", "medium", "large")
-"""Reference configurations (DESIGN.md); "tiny" is for the quick pass of the tests."""
+"""docs/DESIGN.md, "Reference configurations"; "tiny" is for the quick pass of the tests."""
 DEFAULT_CONFIGS = {"cpu": ("small", "medium"), "gpu": ("large",)}
 MODES = ("full", "lora")
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16.0, ("q", "k", "v", "o")
@@ -73,7 +73,7 @@ SETTLE_S = 0.3  # idle seconds before each timed run when minilora and PyTorch a
 
 # ------------------------------------------------------------------- the setups
 def reference_config(name: str) -> tuple[GPTConfig, int]:
-    """(GPTConfig, batch size) of a DESIGN.md reference configuration."""
+    """(GPTConfig, batch size) of docs/DESIGN.md, "Reference configurations"."""
     p = preset(one_of("config", name, CONFIGS))
     cfg = GPTConfig(
         vocab_size=p["vocab_size"],
@@ -86,7 +86,7 @@ def reference_config(name: str) -> tuple[GPTConfig, int]:
 
 
 def lora_config() -> LoraConfig:
-    """The benchmark's adapter: r=8, alpha=16 on q, k, v, o, no dropout (DESIGN.md)."""
+    """The benchmark's adapter, as in docs/DESIGN.md, "Reference configurations"."""
     return LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=LORA_TARGETS)
 
 

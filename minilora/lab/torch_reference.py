@@ -1,7 +1,7 @@
 """An independent implementation of the same GPT in PyTorch, for checks and benchmarks.
 
-It shares no code with the NumPy model: it reads a minilora state dict (DESIGN.md
-names, (d_out, d_in) weights, head tied to ``wte``), builds torch tensors from it and
+It shares no code with the NumPy model: it reads a minilora state dict ((d_out, d_in)
+weights, head tied to ``wte``; docs/DESIGN.md, "Parameter names"), builds torch tensors from it and
 runs the architecture written out with torch's own layer norm, tanh GELU, softmax and
 autograd. ``tests/test_torch_reference.py`` compares logits, loss and every gradient
 against it; ``bench.py`` times its training step next to minilora's.
@@ -77,7 +77,7 @@ def torch_forward(
     lora: Mapping[str, tuple[Tensor, Tensor, float]] | None = None,
     masks: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """Logits (B, T, V) of the DESIGN.md GPT for ids ``idx`` (B, T), in torch.
+    """Logits (B, T, V) for ids ``idx`` (B, T), in torch: docs/DESIGN.md, "The model".
 
     ``sd``: torch state (:func:`to_torch_state`); ``cfg``: anything with ``n_layer``,
     ``n_head``, ``d_model`` (a GPTConfig). ``lora``: {module: (A, B, s)} adds
