@@ -148,6 +148,17 @@ def test_the_checker_finds_a_circle(tmp_path, monkeypatch):
     assert graph == {"core.lora": {"core.model": ["GPT"]}, "core.model": {"core.lora": []}}
 
 
+def test_the_checker_sees_a_nested_package(tmp_path, monkeypatch):
+    """``from minilora.lab import exercises`` imports the package lab/exercises/, not a
+    name of lab/__init__.py: the edge goes to lab.exercises.__init__."""
+    monkeypatch.setattr("test_architecture.PACKAGE", tmp_path)
+    (tmp_path / "lab" / "exercises").mkdir(parents=True)
+    (tmp_path / "lab" / "__init__.py").write_text("")
+    (tmp_path / "lab" / "exercises" / "__init__.py").write_text("")
+    (tmp_path / "__init__.py").write_text("from minilora.lab import exercises\n")
+    assert import_graph()["__init__"] == {"lab.exercises.__init__": []}
+
+
 if __name__ == "__main__":
     graph = import_graph()
     for module in LAYERS:

@@ -28,6 +28,7 @@ import copy
 import importlib.machinery
 import importlib.util
 import math
+import os
 import sys
 import sysconfig
 import traceback
@@ -137,6 +138,9 @@ class Result:
     exercise: str
     cases: list[CaseResult] = field(default_factory=list)
     message: str = ""
+
+    def __repr__(self) -> str:  # short: a notebook shows it under the printed table
+        return f"Result({self.exercise!r}, passed={self.passed})"
 
     @property
     def passed(self) -> bool:
@@ -315,17 +319,22 @@ def _finite_differences(exercise: Exercise, case: Case, got: dict[str, Any]) -> 
 def _diagnose(exercise: Exercise, case: Case, out: str, got: Any, expected: Any) -> str:
     """Name the classic mistake behind a wrong value, if it is one we know."""
     args = case.args
+    tol = 0.0 if out in exercise.exact else case.tol
     for mistake in exercise.mistakes:
         try:
             wrong = exercise.values(_as_tuple(mistake.wrong(*copy.deepcopy(args).values())))
         except Exception:  # a mistake that cannot happen for this case's inputs
             continue
         w = wrong.get(out)
-        if w is None or np.shape(w) != np.shape(got) or relative_error(w, expected) <= case.tol:
+        if w is None or np.shape(w) != np.shape(got) or _exact_error(w, expected) <= tol:
             continue  # not a mistake this case can tell from the right answer
         if relative_error(got, w) < MATCH_TOL:
             return f"{out}: {mistake.hint}"
     g, e = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    error = relative_error(g, e)
+    if error < MATCH_TOL:
+        need = "it must be exact" if tol == 0 else f"the check needs {tol:.0e}"
+        return f"{out} is close to the expected value, not equal (error {error:.1e}; {need})"
     if g.ndim == 2 and g.shape[0] == g.shape[1] and relative_error(g, e.T) < MATCH_TOL:
         return f"{out}: transposed (it equals the expected value's transpose)"
     ee = float((e * e).sum())
@@ -347,9 +356,12 @@ def _factor_hint(c: float, factors: dict[str, float]) -> str:
 
 
 # ------------------------------------------------------------------ the learner's code
-_LIBRARY_DIRS = tuple(
-    {str(Path(p).resolve()) for k, p in sysconfig.get_paths().items() if k in ("stdlib", "purelib")}
-    | {str(Path(__file__).resolve().parents[2])}  # the minilora package
+_LIBRARY_DIRS = tuple(  # each ends with a separator: /x/minilora is not /x/minilora_mine
+    os.path.join(str(Path(p).resolve()), "")
+    for p in {
+        *(p for k, p in sysconfig.get_paths().items() if k in ("stdlib", "purelib")),
+        Path(__file__).resolve().parents[2],  # the minilora package
+    }
 )
 
 

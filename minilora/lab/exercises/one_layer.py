@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from minilora.core.layers import as_rows, dropout_forward, dropout_mask
 from minilora.core.layers import dropout_backward as library_dropout_backward
-from minilora.core.layers import dropout_forward, dropout_mask
 from minilora.core.lora import LoraConfig
 from minilora.core.lora import lora_backward as library_lora_backward
 from minilora.core.lora import lora_forward as library_lora_forward
@@ -113,8 +113,8 @@ def _grads_by_hand(
     u = xd @ A.T
     du = s * dh @ B
     dx = (du @ A) * (m if dx_mask else 1.0)
-    dA = np.einsum("...r,...i->ri", du, xd if dA_mask else x)
-    dB = s * np.einsum("...o,...r->or", dh, u)
+    dA = as_rows(du).T @ as_rows(xd if dA_mask else x)
+    dB = s * as_rows(dh).T @ as_rows(u)
     return dx, dA, dB
 
 
