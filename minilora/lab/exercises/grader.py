@@ -286,7 +286,8 @@ def _kind_problem(got: Any, expected: Any) -> str:
     if isinstance(got, np.ndarray) and got.ndim == 0:
         return ""
     if isinstance(got, bool) or not isinstance(got, (int, float, np.number)):
-        return f"returned {type(got).__name__}; expected a number"
+        kind = "None" if got is None else type(got).__name__
+        return f"returned {kind}; expected a number"
     return ""
 
 
