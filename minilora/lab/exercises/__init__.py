@@ -5,7 +5,9 @@ its ``reference`` solution), and ``check(name, fn)`` grades a function: random c
 (float64, odd shapes, dropout on and off, r = 1), the reference and, for a backward,
 finite differences; a table, hints that name the classic mistakes, and a
 :class:`Result` with ``.passed``. From the shell: ``minilora exercises list`` and
-``minilora exercises check NAME --file my_solution.py``.
+``minilora exercises check NAME --file my_solution.py``, where the file defines a
+function named after the exercise (``def lora_backward(...)``); notebooks/solutions/
+holds worked solutions in that form, one file per notebook.
 """
 
 # importing the exercise modules registers their exercises, in reading order

@@ -200,7 +200,9 @@ def get(name: str) -> Exercise:
 def check(name: str, fn: Callable[..., Any], verbose: bool = True) -> Result:
     """Grade ``fn`` against exercise ``name``; print the table (``verbose``) and return it.
 
-    The cases are drawn from a fixed seed, so a check gives the same verdict every time.
+    ``fn`` is called positionally, in the order of the statement's signature, so its
+    parameters may have other names. The cases are drawn from a fixed seed: a check
+    gives the same verdict every time.
     """
     exercise = get(name)
     if not callable(fn):
@@ -401,6 +403,7 @@ def load_function(path: str | Path, name: str) -> Callable[..., Any]:
     loader = importlib.machinery.SourceFileLoader(f"_solution_{path.stem}", str(path))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module  # as an import would: dataclasses look it up there
     try:
         loader.exec_module(module)
     except Exception as err:  # the learner's file: whatever it raises is bad input here
