@@ -28,6 +28,7 @@ from minilora.core.model import GPT, GPTConfig
 from minilora.core.optim import SGD, AdamW
 from minilora.core.params import count_parameters
 from minilora.files.checkpoints import load_adapter, load_base, load_model, save_adapter, save_model
+from minilora.lab import exercises
 
 __all__ = [
     "GPT",
@@ -46,6 +47,7 @@ __all__ = [
     "delete_adapter",
     "delta_weight",
     "disable_adapters",
+    "exercises",
     "format_report",
     "get_backend",
     "gradcheck",

@@ -25,10 +25,16 @@ SUBPACKAGES = {
         "bench_report",
         "experiments",
         "figures",
+        "exercises.grader",  # lab/exercises/, a package inside the lab: its modules,
+        "exercises.one_layer",  # then its __init__, all before the lab's own __init__
+        "exercises.whole_model",
+        "exercises.many_adapters",
+        "exercises.__init__",
     ],
     "cli": ["demo", "commands", "main"],
 }
-"""Subpackages in import order, each with its modules in import order."""
+"""Subpackages in import order, each with its modules in import order. A package
+nested in a subpackage lists its modules as "package.module", then "package.__init__"."""
 
 LAYERS = [
     *(f"{pkg}.{m}" for pkg, modules in SUBPACKAGES.items() for m in [*modules, "__init__"]),
@@ -66,7 +72,8 @@ def _imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minilora"):
             folder = PACKAGE.joinpath(*node.module.split(".")[1:])
             for alias in node.names:  # from minilora.core import lora: the module lora
-                if (folder / f"{alias.name}.py").exists():
+                nested = (folder / alias.name / "__init__.py").exists()  # a nested package
+                if (folder / f"{alias.name}.py").exists() or nested:
                     found.append((_module_of(f"{node.module}.{alias.name}"), []))
                 else:
                     found.append((_module_of(node.module), [alias.name]))
@@ -139,6 +146,17 @@ def test_the_checker_finds_a_circle(tmp_path, monkeypatch):
     (tmp_path / "core" / "model.py").write_text("from minilora.core import lora\n")
     graph = import_graph()
     assert graph == {"core.lora": {"core.model": ["GPT"]}, "core.model": {"core.lora": []}}
+
+
+def test_the_checker_sees_a_nested_package(tmp_path, monkeypatch):
+    """``from minilora.lab import exercises`` imports the package lab/exercises/, not a
+    name of lab/__init__.py: the edge goes to lab.exercises.__init__."""
+    monkeypatch.setattr("test_architecture.PACKAGE", tmp_path)
+    (tmp_path / "lab" / "exercises").mkdir(parents=True)
+    (tmp_path / "lab" / "__init__.py").write_text("")
+    (tmp_path / "lab" / "exercises" / "__init__.py").write_text("")
+    (tmp_path / "__init__.py").write_text("from minilora.lab import exercises\n")
+    assert import_graph()["__init__"] == {"lab.exercises.__init__": []}
 
 
 if __name__ == "__main__":

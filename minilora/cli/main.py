@@ -238,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reuse", action="store_true", help="reuse OUT's saved records where settings match"
     )
+
+    # exercises: list them, or grade a learner's file (handled by exercises_command)
+    p = sub.add_parser(
+        "exercises",
+        help="list the notebooks' exercises, or check your solution to one",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora exercises list\n"
+        "  minilora exercises check lora_backward --file my_solution.py\n\n"
+        "The file must define a function named after the exercise: def lora_backward(...).\n"
+        "Exit status: 0 the solution passes, 1 it fails, 2 bad input.",
+    )
+    p.add_argument("action", choices=("list", "check"), help="list, or check one exercise")
+    p.add_argument("name", nargs="?", default=None, help="the exercise to check (see list)")
+    p.add_argument("--file", default=None, help="a Python file that defines def NAME(...)")
     return parser
 
 
@@ -247,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "exercises":  # runs the learner's code: errors are its own
+        return exercises_command(args)
     from minilora.cli import commands
 
     try:
@@ -260,6 +277,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"minilora {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def exercises_command(args: argparse.Namespace) -> int:
+    """``minilora exercises list`` and ``minilora exercises check NAME --file FILE``.
+
+    check executes FILE (the learner's Python) and grades its function NAME: status 0
+    when it passes, 1 when it fails (the table and hints say why), 2 for bad input (a
+    missing file, a file that does not load, no such function, an unknown exercise).
+    """
+    from minilora.lab import exercises
+
+    try:
+        if args.action == "list":
+            if args.name is not None or args.file is not None:
+                raise ValueError("list takes no NAME or --file")
+            for name in exercises.names():
+                exercise = exercises.get(name)
+                print(f"{exercise.notebook}  {name:24} {exercise.summary}")
+            return 0
+        if args.name is None or args.file is None:
+            raise ValueError("check needs an exercise and a file: check NAME --file FILE")
+        exercises.get(args.name)  # an unknown name is bad input, before running any code
+        fn = exercises.load_function(args.file, args.name)
+    except ValueError as err:
+        print(f"minilora exercises: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0 if exercises.check(args.name, fn).passed else 1
 
 
 if __name__ == "__main__":
