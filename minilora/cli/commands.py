@@ -67,13 +67,13 @@ def _prepare_out(
     resume: bool,
     overwrite: bool,
     products: tuple[str, ...],
-    inputs: tuple[str | None, ...] = (),
+    inputs: dict[str, str | None] | None = None,
 ) -> None:
     """Refuse to mix a new run with a finished one in ``out``, or clear it (--overwrite).
 
     A run is its train/ folder (runfolder.py) and its products (model/, adapter/); with
     --overwrite only the files minilora names there are removed, nothing else, and only
-    when none of the run's ``inputs`` (--base, --adapter, --text) lies in what goes.
+    when none of the run's ``inputs`` ({"--base": path, ...}) lies in what goes.
     Every check comes before anything is removed or written.
     """
     run = RunFolder(out / "train")
@@ -94,15 +94,24 @@ def _prepare_out(
             "--overwrite, or choose another --out"
         )
     doomed = [*run.removable(), *files]
-    for given in filter(None, inputs):
+    for flag, given in (inputs or {}).items():
+        if given is None:
+            continue
         path = Path(given).resolve()
         for entry in doomed:
             gone = entry.resolve()
-            if path == gone or gone in path.parents or path in gone.parents:
-                raise ValueError(
-                    f"--overwrite would delete {entry}, which {given} needs (an input of "
-                    "this run); choose another --out"
-                )
+            if gone == path:
+                how = "is"
+            elif path in gone.parents:
+                how = "is in"
+            elif gone in path.parents:
+                how = "holds"
+            else:
+                continue
+            raise ValueError(
+                f"--overwrite would delete {entry}, which {how} {flag} {given}, an input of "
+                "this run; choose another --out"
+            )
     run.clear()
     for f in files:
         f.unlink()
@@ -149,7 +158,7 @@ def pretrain(args: Namespace) -> int:
         d_model=sizes["d_model"],
     )
     out = Path(args.out)
-    _prepare_out(out, args.resume, args.overwrite, ("model",), (args.text,))
+    _prepare_out(out, args.resume, args.overwrite, ("model",), {"--text": args.text})
     model = GPT(config, seed=args.seed, device=args.device)
     settings = {"config": config.to_dict(), "task": task.name, **_text_settings(args.text)}
     trainer = Trainer(
@@ -188,7 +197,8 @@ def finetune(args: Namespace) -> int:
         )
     one_of("--task", args.task or "shift", FINETUNE_TASKS)  # a text file comes with --text
     out = Path(args.out)
-    _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"), (args.base, args.text))
+    inputs = {"--base": args.base, "--text": args.text}
+    _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"), inputs)
     model, tokenizer = load_base(args.base, args.device)
     base = model.base_fingerprint()
     task_name = args.task or "shift"

@@ -126,8 +126,9 @@ class RunFolder:
                 "--overwrite, or choose another --out"
             )
         return (
-            f"{where} holds a run that stopped before its first checkpoint (nothing to "
-            "resume); replace it with --overwrite, or choose another --out"
+            f"{where} holds a run with no complete checkpoint (it stopped before its first "
+            "one), so there is nothing to resume; replace it with --overwrite, or choose "
+            "another --out"
         )
 
     def clear(self) -> None:
@@ -203,13 +204,11 @@ class RunFolder:
         self.check()
         folder = self.resume_point()
         if folder is None:
-            why = (
-                ": the run stopped before its first checkpoint, so there is nothing to "
-                "resume; start it again with --overwrite"
-                if self._ours()
-                else ""
+            why = ", so there is nothing to resume; start the run again with --overwrite"
+            raise ValueError(
+                f"--resume: no complete checkpoint in {str(self.path)!r}"
+                + (why if self._ours() else "")
             )
-            raise ValueError(f"--resume: no checkpoint in {str(self.path)!r}{why}")
         meta = load_json(folder / TRAINER)
         if not isinstance(meta, dict):
             raise ValueError(f"{folder / TRAINER}: not a minilora trainer state")
