@@ -44,8 +44,8 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", name="made")
+def made_fixture(tmp_path_factory) -> Path:
     """A tiny base in base/ and a finished 4-step run on it in run/ (ckpt-000004)."""
     root = tmp_path_factory.mktemp("made")
     save_model(GPT(TINY, seed=0), root / "base", extra={"tokenizer": TOKENIZER.to_dict()})
@@ -61,8 +61,8 @@ class _NoCapture:
         return "", ""
 
 
-@pytest.fixture
-def tmp(made, tmp_path, monkeypatch) -> Path:
+@pytest.fixture(name="tmp")
+def tmp_fixture(made, tmp_path, monkeypatch) -> Path:
     """A copy of ``made`` plus the user's own files: victim/keep.txt, run/notes.txt."""
     monkeypatch.delenv("MINILORA_DEVICE", raising=False)
     monkeypatch.chdir(tmp_path)
