@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from minilora.basics.backend import finite_as
 from minilora.files.io import (
     is_temporary,
     load_json,
@@ -263,7 +264,7 @@ class RunFolder:
                     f"{file}: {key} has shape {value.shape}; the model's "
                     f"{expected[key]} has {shapes[expected[key]]}"
                 )
-            if not np.isfinite(value).all():
+            if not finite_as(value, dtype):
                 raise ValueError(f"{file}: {key} holds NaN or inf")
             if key.endswith(".v") and key in moments and (value < 0).any():
                 raise ValueError(f"{file}: {key} holds negative values; a second moment is >= 0")
