@@ -139,6 +139,7 @@ def test_ctrl_c_before_the_first_step_leaves_a_checkpoint_to_resume(tmp_path, mo
     resumed = Trainer(lora_model(), ShiftTask(), train_config(4), tmp_path, False, threads="auto")
     resumed.run(resume=True)
     assert resumed.step == 4
+    assert isinstance(resumed.settings["blas_threads"], int)  # measured now, then recorded
 
 
 @pytest.mark.parametrize("flags", [[], ["--resume"]], ids=["again", "resume"])

@@ -143,10 +143,12 @@ class Trainer:
     """Trains ``model``'s trainable parameters on ``task`` (see data.py).
 
     ``settings``: whatever else decides the result (the LoRA config, the task, the
-    base), stored with each checkpoint and compared on resume. ``overwrite``: replace
-    a previous run in ``out_dir`` instead of refusing to. ``threads``: BLAS threads
-    during training: None leaves the library's default, an integer fixes it, "auto"
-    measures (blas.py) before the first step; a resumed run reuses its recorded count.
+    base), stored with each checkpoint and compared on resume, together with what the
+    trainer adds: the TrainConfig fields of RESULT_FIELDS, the device and the dtype.
+    ``overwrite``: replace a previous run in ``out_dir`` instead of refusing to.
+    ``threads``: BLAS threads during training: None leaves the library's default, an
+    integer fixes it, "auto" measures (blas.py) before the first step; a resumed run
+    reuses its recorded count.
     """
 
     def __init__(
@@ -225,8 +227,9 @@ class Trainer:
         if self.folder is None:
             raise ValueError("--resume needs an out_dir")
         meta, folder = self.folder.read_checkpoint()
-        if self.threads_request == "auto":  # the count this run measured when it started
-            self.settings["blas_threads"] = meta["settings"].get("blas_threads")
+        measured = meta["settings"].get("blas_threads")
+        if self.threads_request == "auto" and measured is not None:  # measured at its start
+            self.settings["blas_threads"] = measured  # (None: stopped before it measured)
         changed = _differences(meta["settings"], self.settings)
         if changed:
             raise ValueError(
@@ -319,7 +322,8 @@ class Trainer:
 
         The schedule always spans ``cfg.steps``, so a run stopped at ``until`` and
         resumed later is the same run. Ctrl-C finishes the current step, saves a
-        checkpoint and re-raises KeyboardInterrupt.
+        checkpoint (at step 0 if it comes before the first step) and re-raises
+        KeyboardInterrupt. A finished run resumed logs its final validation only once.
         """
         if resume:
             self.load_checkpoint()
