@@ -2,7 +2,6 @@
 a learning test, generation and dropout."""
 
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -254,7 +253,6 @@ def test_learns_a_repeating_sequence(tiny_config):
     opt = ml.AdamW(model, lr=1e-2)
     seq = 3 + np.arange(17) % 7
     idx, targets = np.tile(seq[:16], (4, 1)), np.tile(seq[1:], (4, 1))
-    start = time.perf_counter()
     first = model.loss(idx, targets)
     for _ in range(150):
         model.loss(idx, targets)
@@ -263,8 +261,7 @@ def test_learns_a_repeating_sequence(tiny_config):
         opt.zero_grad()
     final = model.loss(idx, targets, train=False)
     assert first > 3.5  # ~log(65) before training
-    assert final < 0.05
-    assert time.perf_counter() - start < 3.0
+    assert final < 0.05  # speed is the benchmark's business (minilora bench), not a test's
 
 
 # ---------------------------------------------------------------------- generation

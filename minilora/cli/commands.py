@@ -21,6 +21,7 @@ from minilora.core.model import GPT, GPTConfig
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
+from minilora.files.io import sha256_file
 from minilora.lab import bench_report
 from minilora.lab.gradcheck_report import full_report
 from minilora.training.data import TextFileTask, get_task
@@ -61,26 +62,81 @@ def _metrics(m: dict) -> str:
     return f"loss {m['loss']:.4f}, char acc {m['char_acc']:.1%}, exact {m['exact']:.1%}"
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, products: tuple[str, ...]) -> None:
+def _prepare_out(
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    products: tuple[str, ...],
+    inputs: dict[str, str | None] | None = None,
+) -> None:
     """Refuse to mix a new run with a finished one in ``out``, or clear it (--overwrite).
 
     A run is its train/ folder (runfolder.py) and its products (model/, adapter/); with
-    --overwrite only the files minilora names there are removed, nothing else.
+    --overwrite only the files minilora names there are removed, nothing else, and only
+    when none of the run's ``inputs`` ({"--base": path, ...}) lies in what goes.
+    Every check comes before anything is removed or written.
     """
+    run = RunFolder(out / "train")
+    run.check()  # no links, nothing of the user's under minilora's names
+    for folder in products:
+        _check_product(out / folder)
     if resume:
         return
-    run = RunFolder(out / "train")
     files = [out / folder / name for folder in products for name in PRODUCT_FILES[folder]]
-    if not (run.holds_a_run() or any(f.exists() for f in files)):
+    files = [f for f in files if f.exists()]
+    if not (run.holds_a_run() or files):
         return
     if not overwrite:
+        if run.holds_a_run():
+            raise ValueError(run.previous_run(out))
         raise ValueError(
-            f"{out} holds a previous run; continue it with --resume, replace it with "
+            f"{out} holds {files[0]} of a previous run (nothing to resume); replace it with "
             "--overwrite, or choose another --out"
         )
+    doomed = [*run.removable(), *files]
+    for flag, given in (inputs or {}).items():
+        if given is None:
+            continue
+        path = Path(given).resolve()
+        for entry in doomed:
+            gone = entry.resolve()
+            if gone == path:
+                how = "is"
+            elif path in gone.parents:
+                how = "is in"
+            elif gone in path.parents:
+                how = "holds"
+            else:
+                continue
+            raise ValueError(
+                f"--overwrite would delete {entry}, which {how} {flag} {given}, an input of "
+                "this run; choose another --out"
+            )
     run.clear()
     for f in files:
-        f.unlink(missing_ok=True)
+        f.unlink()
+
+
+def _check_product(folder: Path) -> None:
+    """model/ or adapter/: a real folder whose files with our names are regular files."""
+    if folder.is_symlink():
+        raise ValueError(
+            f"{folder} is a symbolic link; minilora writes its output only into a real folder"
+        )
+    for name in PRODUCT_FILES[folder.name]:
+        file = folder / name
+        if file.is_symlink() or (file.exists() and not file.is_file()):
+            raise ValueError(
+                f"{file} is not a regular file, where minilora writes its file {name}; "
+                "move it away (or choose another --out)"
+            )
+
+
+def _text_settings(text: str | None) -> dict[str, str | None]:
+    """A text file's path and content hash: a resume on an edited file is another run."""
+    if text is None:
+        return {"text": None}
+    return {"text": _resolved(text), "text_sha256": sha256_file(text)}
 
 
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
@@ -102,9 +158,9 @@ def pretrain(args: Namespace) -> int:
         d_model=sizes["d_model"],
     )
     out = Path(args.out)
-    _prepare_out(out, args.resume, args.overwrite, ("model",))
+    _prepare_out(out, args.resume, args.overwrite, ("model",), {"--text": args.text})
     model = GPT(config, seed=args.seed, device=args.device)
-    settings = {"config": config.to_dict(), "task": task.name, "text": _resolved(args.text)}
+    settings = {"config": config.to_dict(), "task": task.name, **_text_settings(args.text)}
     trainer = Trainer(
         model,
         task,
@@ -141,7 +197,8 @@ def finetune(args: Namespace) -> int:
         )
     one_of("--task", args.task or "shift", FINETUNE_TASKS)  # a text file comes with --text
     out = Path(args.out)
-    _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"))
+    inputs = {"--base": args.base, "--text": args.text}
+    _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"), inputs)
     model, tokenizer = load_base(args.base, args.device)
     base = model.base_fingerprint()
     task_name = args.task or "shift"
@@ -149,7 +206,7 @@ def finetune(args: Namespace) -> int:
         task = PlantedRankTask(model, tokenizer, rank=args.planted_rank, seed=args.seed)
     else:
         task = _task(task_name, args.text, tokenizer)
-    settings: dict[str, Any] = {"base": base, "task": task.name, "text": _resolved(args.text)}
+    settings: dict[str, Any] = {"base": base, "task": task.name, **_text_settings(args.text)}
     if task_name == "planted":
         settings["planted_rank"] = args.planted_rank
     if args.full:

@@ -92,6 +92,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # atomic_write_bytes' temporary names
 
 
+def is_temporary(path: PathLike) -> bool:
+    """Whether ``path`` is a plain file named as :func:`atomic_write_bytes`' temporaries."""
+    path = Path(path)
+    return bool(_TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink()
+
+
 def remove_temporaries(directory: PathLike) -> list[str]:
     """Delete what an interrupted :func:`atomic_write_bytes` left in ``directory``.
 
@@ -102,7 +108,7 @@ def remove_temporaries(directory: PathLike) -> list[str]:
     removed = []
     if directory.is_dir():
         for entry in directory.iterdir():
-            if _TEMPORARY.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            if is_temporary(entry):
                 entry.unlink()
                 removed.append(entry.name)
     return removed

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.basics.backend import finite_as, require_memory, to_host
+from minilora.basics.backend import require_memory, to_host
 from minilora.basics.blas import choose_threads, limited_threads
 from minilora.basics.checks import non_negative_int, positive_int
 from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
@@ -36,7 +36,7 @@ from minilora.core.model import GPT
 from minilora.core.optim import AdamW
 from minilora.core.params import activation_bytes
 from minilora.training.data import Batch, answer_accuracy
-from minilora.training.runfolder import RunFolder
+from minilora.training.runfolder import LATEST, RunFolder, checkpoint_name
 
 
 class TrainingDiverged(ValueError):
@@ -143,10 +143,12 @@ class Trainer:
     """Trains ``model``'s trainable parameters on ``task`` (see data.py).
 
     ``settings``: whatever else decides the result (the LoRA config, the task, the
-    base), stored with each checkpoint and compared on resume. ``overwrite``: replace
-    a previous run in ``out_dir`` instead of refusing to. ``threads``: BLAS threads
-    during training: None leaves the library's default, an integer fixes it, "auto"
-    measures (blas.py) before the first step; a resumed run reuses its recorded count.
+    base), stored with each checkpoint and compared on resume, together with what the
+    trainer adds: the TrainConfig fields of RESULT_FIELDS, the device and the dtype.
+    ``overwrite``: replace a previous run in ``out_dir`` instead of refusing to.
+    ``threads``: BLAS threads during training: None leaves the library's default, an
+    integer fixes it, "auto" measures (blas.py) before the first step; a resumed run
+    reuses its recorded count.
     """
 
     def __init__(
@@ -174,7 +176,12 @@ class Trainer:
         self.model, self.task, self.cfg = model, task, cfg
         self.folder = RunFolder(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.settings = {"train": {k: asdict(cfg)[k] for k in RESULT_FIELDS}, **(settings or {})}
+        self.settings = {
+            "train": {k: asdict(cfg)[k] for k in RESULT_FIELDS},
+            "device": model.device,  # the same run on another backend rounds otherwise
+            "dtype": model.dtype.name,
+            **(settings or {}),
+        }
         self.overwrite = overwrite
         if threads is not None and threads != "auto":
             threads = positive_int("threads", threads)
@@ -189,12 +196,15 @@ class Trainer:
         self.last_validation: dict[str, float] | None = None  # {"loss", "char_acc", "exact"}
         self.eval_batch = task.eval_batch(cfg.eval_size, cfg.block_size, seed=cfg.seed)
         self._claimed = False  # this trainer has started writing into out_dir
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, if ours
 
     # --------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Write ckpt-{step}/ (trainable parameters, optimizer state, settings)."""
         if self.folder is None:
             raise ValueError("save_checkpoint needs an out_dir")
+        if self._saved_step == self.step:  # already on disk (rewriting would delete it first)
+            return self.folder.path / checkpoint_name(self.step)
         tensors = {
             f"param.{n}": to_host(self.model.params[n]) for n in self.model.trainable_names()
         }
@@ -208,45 +218,39 @@ class Trainer:
             "settings": self.settings,
             "train_config": asdict(self.cfg),
         }
-        return self.folder.write_checkpoint(self.step, tensors, meta)
+        folder = self.folder.write_checkpoint(self.step, tensors, meta)
+        self._saved_step = self.step
+        return folder
 
     def load_checkpoint(self) -> int:
         """Restore the newest checkpoint in out_dir, if its settings are this run's."""
         if self.folder is None:
             raise ValueError("--resume needs an out_dir")
-        self.folder.remove_leftovers()
-        tensors, meta, folder = self.folder.read_checkpoint()
-        if self.threads_request == "auto":  # the count this run measured when it started
-            self.settings["blas_threads"] = meta["settings"].get("blas_threads")
+        meta, folder = self.folder.read_checkpoint()
+        measured = meta["settings"].get("blas_threads")
+        if self.threads_request == "auto" and measured is not None:  # measured at its start
+            self.settings["blas_threads"] = measured  # (None: stopped before it measured)
         changed = _differences(meta["settings"], self.settings)
         if changed:
             raise ValueError(
                 f"--resume: {folder} was trained with other settings: {'; '.join(changed)}. "
                 "Resume with the same settings, or start a new run in another --out"
             )
-        params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
-        if sorted(params) != sorted(self.model.trainable_names()):
-            raise ValueError(
-                f"{folder}: checkpoint holds {len(params)} trainable parameters that do not "
-                f"match this model's {len(self.model.trainable_names())} (other adapter or mode?)"
-            )
-        for name, value in params.items():
-            if value.shape != self.model.params[name].shape:
-                raise ValueError(
-                    f"{folder}: {name} has shape {value.shape}, model has "
-                    f"{self.model.params[name].shape}"
-                )
-        for name, value in tensors.items():
-            if not finite_as(value, self.model.dtype):
-                raise ValueError(f"{folder}: {name} holds NaN or inf")
+        names = self.model.trainable_names()
+        shapes = {name: tuple(self.model.params[name].shape) for name in names}
+        tensors = self.folder.read_tensors(folder, shapes, self.model.dtype, meta["opt_t"])
+        if self.folder.latest() is None:  # latest.json was missing: name the checkpoint again
+            print(f"{self.folder.path / LATEST} was missing; resuming from {folder.name}")
+        self.folder.commit(folder, meta["step"])  # and drop what a crash left
         opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
         opt.update(t=meta["opt_t"], lr=self.cfg.lr)
         self.opt.load_state_dict(opt)
-        for name, value in params.items():
+        for name in names:
+            value = tensors[f"param.{name}"]
             self.model.params[name][...] = self.model.backend.asarray(value, self.model.dtype)
         first = meta.get("first_loss")
         self.first_loss = float(first) if isinstance(first, (int, float)) else None
-        self.step = meta["step"]
+        self.step = self._saved_step = meta["step"]
         self.folder.truncate_metrics(self.step)  # rows a crashed run logged after it
         self._claimed = True
         return self.step
@@ -257,10 +261,7 @@ class Trainer:
             return
         if self.folder.holds_a_run():
             if not self.overwrite:
-                raise ValueError(
-                    f"{self.folder.path} holds a previous run; continue it with --resume, "
-                    "replace it with --overwrite, or choose another --out"
-                )
+                raise ValueError(self.folder.previous_run(self.folder.path))
             self.folder.clear()
         self._claimed = True
 
@@ -321,14 +322,13 @@ class Trainer:
 
         The schedule always spans ``cfg.steps``, so a run stopped at ``until`` and
         resumed later is the same run. Ctrl-C finishes the current step, saves a
-        checkpoint and re-raises KeyboardInterrupt.
+        checkpoint (at step 0 if it comes before the first step) and re-raises
+        KeyboardInterrupt. A finished run resumed logs its final validation only once.
         """
         if resume:
             self.load_checkpoint()
         else:
             self._claim_folder()
-        if self.threads_request == "auto" and "blas_threads" not in self.settings:
-            self._measure_threads()
         cfg = self.cfg
         bar = progress_bar(
             self.progress,
@@ -340,7 +340,9 @@ class Trainer:
         )
         start = time.perf_counter()
         stop = cfg.steps if until is None else min(until, cfg.steps)
-        try:
+        try:  # from here on, a Ctrl-C leaves a checkpoint (at step 0 if need be) to resume
+            if self.threads_request == "auto" and "blas_threads" not in self.settings:
+                self._measure_threads()
             with _deferred_interrupt() as interrupted, limited_threads(self.blas_threads):
                 while self.step < stop:
                     loss = self.train_step()
@@ -360,7 +362,10 @@ class Trainer:
             raise
         bar.close()
         with limited_threads(self.blas_threads):  # the same rounding as the evaluations above
-            self.validate()
+            if self.folder is not None and self.folder.validated_at(self.step):
+                self.last_validation = evaluate(self.model, self.eval_batch)  # logged once
+            else:
+                self.validate()
         if self.folder is not None:
             self.save_checkpoint()
         self.seconds = time.perf_counter() - start
