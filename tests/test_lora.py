@@ -35,8 +35,8 @@ def test_lora_linear_pair_gradcheck_with_dropout_mask():
         return ml.lora_linear_forward(x, W, b, [ml.LoraBranch(A, B, 2.5, mask)])
 
     def backward(dh, cache):  # (dx, dW, db, dA, dB): W and b are frozen, so None
-        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache)
-        assert dW is None and db is None  # frozen by default: dW is never formed
+        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache, need_dW=False, need_db=False)
+        assert dW is None and db is None  # frozen: dW is never formed
         return dx, None, None, dA, dB
 
     results = gradcheck(forward, backward, inputs)
@@ -112,7 +112,7 @@ def test_whole_model_gradcheck_all_targets(tiny_config, use_rslora):
 
     def loss():
         model.reseed(7)  # the same dropout masks at every evaluation
-        return model.loss(idx, targets, train=True)
+        return model.loss(idx, targets)  # training mode: dropout on
 
     loss()
     model.backward()
@@ -206,9 +206,10 @@ def test_dropout_changes_training_but_never_eval(tiny_config):
     ml.add_adapter(model, ml.LoraConfig(r=4, dropout=0.5, target_modules=ALL))
     randomise_adapters(model)
     idx, _ = batch(tiny_config)
+    assert not np.allclose(model.forward(idx), model.forward(idx))  # training mode
+    model.eval()
     eval_a, eval_b = model.forward(idx), model.forward(idx)
     np.testing.assert_array_equal(eval_a, eval_b)
-    assert not np.allclose(model.forward(idx, train=True), model.forward(idx, train=True))
     # eval equals the same adapter with dropout 0
     other = random_model(tiny_config)
     ml.add_adapter(other, ml.LoraConfig(r=4, dropout=0.0, target_modules=ALL))
@@ -280,8 +281,8 @@ def test_training_while_merged_is_refused(tiny_config):
     ml.merge(model)
     idx, targets = batch(tiny_config)
     with pytest.raises(ValueError, match="unmerge"):
-        model.loss(idx, targets, train=True)
-    model.loss(idx, targets, train=False)  # evaluation is fine
+        model.loss(idx, targets)  # training mode
+    model.eval().loss(idx, targets)  # evaluation is fine
     with pytest.raises(ValueError, match="unmerge"):
         ml.set_adapter(model, "default")
 
@@ -508,7 +509,7 @@ def test_backward_while_merged_is_refused(tiny_config):
     ml.add_adapter(model, ml.LoraConfig(r=2), "a")
     ml.merge(model)
     idx, targets = batch(tiny_config)
-    model.loss(idx, targets, train=False)
+    model.eval().loss(idx, targets)
     with pytest.raises(ValueError, match="merged into W; call unmerge"):
         model.backward()
 

@@ -20,12 +20,13 @@ batch = functools.partial(token_batch, B=2, ignore=2)  # (cfg, seed) -> idx, tar
 
 def model_gradcheck(model, idx, targets):
     """Loss + backward once, then finite differences for every parameter in model.grads."""
-    model.loss(idx, targets, train=False)
+    model.eval()  # no dropout: the loss is a fixed function of the weights
+    model.loss(idx, targets)
     model.backward()
     grads = dict(model.grads)
 
     def loss_fn():
-        return model.loss(idx, targets, train=False)
+        return model.loss(idx, targets)
 
     arrays = {name: model.params[name] for name in grads}
     return check_gradients(loss_fn, arrays, grads)
@@ -261,7 +262,7 @@ def test_learns_a_repeating_sequence(tiny_config):
         model.backward()
         opt.step()
         opt.zero_grad()
-    final = model.loss(idx, targets, train=False)
+    final = model.eval().loss(idx, targets)
     assert first > 3.5  # ~log(65) before training
     assert final < 0.05
     assert time.perf_counter() - start < 3.0
@@ -326,20 +327,24 @@ def test_generate_bad_arguments(tiny_config, kwargs, named):
 
 # ------------------------------------------------------------------------- dropout
 def test_dropout_train_random_eval_deterministic(tiny_config):
-    """With dropout>0, train=True changes logits per call; train=False is fixed and
+    """With dropout>0, training mode changes logits per call; eval mode is fixed and
     equals a dropout-0 model with the same weights."""
     cfg = ml.GPTConfig(**{**tiny_config.to_dict(), "dropout": 0.2})
     model = random_model(cfg, dtype="float64")
     plain = ml.GPT(tiny_config, seed=5, dtype="float64")
     plain.load_state_dict(model.state_dict())
     idx, targets = batch(cfg, 8)
-    t1, t2 = model.forward(idx, train=True), model.forward(idx, train=True)
+    assert model.training  # a new model starts in training mode, as in PyTorch
+    t1, t2 = model.forward(idx), model.forward(idx)
     assert not np.allclose(t1, t2)
-    e1, e2 = model.forward(idx, train=False), model.forward(idx, train=False)
+    assert model.eval() is model and not model.training
+    e1, e2 = model.forward(idx), model.forward(idx)
     np.testing.assert_array_equal(e1, e2)
     np.testing.assert_array_equal(e1, plain.forward(idx))
     assert not np.allclose(t1, e1)
-    assert model.loss(idx, targets, train=False) == plain.loss(idx, targets, train=False)
+    assert model.loss(idx, targets) == plain.loss(idx, targets)
+    assert model.train() is model and model.training
+    assert not np.allclose(model.forward(idx), e1)
 
 
 def test_dropout_model_gradients_with_fixed_masks(tiny_config):
@@ -350,7 +355,7 @@ def test_dropout_model_gradients_with_fixed_masks(tiny_config):
 
     def loss_fn():
         model.reseed(11)  # the same masks every call
-        return model.loss(idx, targets, train=True)
+        return model.loss(idx, targets)  # training mode: dropout on
 
     loss_fn()
     model.backward()
