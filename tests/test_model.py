@@ -381,3 +381,33 @@ def test_a_model_beyond_memory_fails_before_allocating():
     huge = ml.GPTConfig(vocab_size=96, block_size=64, n_layer=100_000, n_head=4, d_model=1024)
     with pytest.raises(ValueError, match=r"needs about [\d,.]+ GB"):
         ml.GPT(huge)
+
+
+# -------------------------------------------------------------------- modes
+def test_train_and_eval_set_the_mode_and_nothing_else(tiny_config):
+    """model.train() / model.eval() as in PyTorch: they return the model, only bools are
+    modes, and forward/loss take no per-call train flag any more."""
+    model = ml.GPT(tiny_config)
+    assert model.training is True
+    assert model.eval() is model and model.training is False
+    assert model.train() is model and model.training is True
+    assert model.train(False) is model and model.training is False
+    with pytest.raises(TypeError, match="mode='yes' must be True or False"):
+        model.train("yes")
+    assert model.training is False
+    idx, targets = batch(tiny_config, 1)
+    with pytest.raises(TypeError, match="train"):
+        model.forward(idx, train=True)
+    with pytest.raises(TypeError, match="train"):
+        model.loss(idx, targets, train=True)
+
+
+def test_generate_runs_without_dropout_in_either_mode(tiny_config):
+    """Sampling is inference: the same tokens in training and eval mode, mode kept."""
+    model = random_model(ml.GPTConfig(**{**tiny_config.to_dict(), "dropout": 0.5}))
+    idx, _ = batch(tiny_config, 2)
+    in_training = model.generate(idx[:, :4], 6, seed=1)
+    assert model.training
+    in_eval = model.eval().generate(idx[:, :4], 6, seed=1)
+    assert not model.training
+    np.testing.assert_array_equal(in_training, in_eval)

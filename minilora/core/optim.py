@@ -171,7 +171,8 @@ class AdamW(Optimizer):
     p <- p - lr wd p                (decay, decoupled from the gradient)
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    The defaults are torch.optim.AdamW's (``ADAMW_DEFAULTS``).
+    The defaults (``ADAMW_DEFAULTS``) are torch.optim.AdamW's, except weight_decay:
+    0 here, 0.01 in torch.
     """
 
     slots = ("m", "v")  # the first and second moments
