@@ -651,8 +651,10 @@ def test_combine_refuses_a_string_of_names_and_a_rank_for_cat(tiny_config):
         lambda tmp: ml.delete_adapter(None, "default"),
         lambda tmp: ml.merge(None),
         lambda tmp: ml.combine_adapters(None, ["a"], [1.0], "b"),
+        lambda tmp: ml.core.adapters.unmerge(None),
+        lambda tmp: ml.files.checkpoints.save_model(None, tmp / "x"),
     ],
-    ids=["add", "save", "load", "set", "delete", "merge", "combine"],
+    ids=["add", "save", "load", "set", "delete", "merge", "combine", "unmerge", "save_model"],
 )
 def test_adapter_functions_refuse_a_model_that_is_not_a_gpt(call, tmp_path):
     with pytest.raises(TypeError, match="model must be a minilora GPT, got NoneType"):

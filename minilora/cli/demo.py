@@ -58,7 +58,7 @@ def run_demo(args: Namespace) -> int:
     )
     val = task.eval_batch(256, block, seed=args.seed)
     base_metrics = evaluate(model, val)
-    base_logits = to_host(model.forward(val.idx[:8]))
+    base_logits = to_host(model.eval().forward(val.idx[:8]))  # eval mode: no dropout
 
     _heading("2. Add a LoRA adapter")
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
@@ -109,7 +109,7 @@ def run_demo(args: Namespace) -> int:
     train_seconds = time.perf_counter() - t0
     print(describe_threads(trainer.blas_threads, trainer.thread_choice, model.device))
     lora_metrics = evaluate(model, val)
-    unmerged_logits = to_host(model.forward(val.idx))
+    unmerged_logits = to_host(model.eval().forward(val.idx))  # the trainer left training mode
     W0 = to_host(model.params["h.0.attn.q.weight"]).copy()
     merge(model)
     merged_metrics = evaluate(model, val)

@@ -209,6 +209,7 @@ def save_model(
     fine-tuned model is exported as a plain GPT. ``extra`` is stored in config.json
     (e.g. the tokenizer and the command that made the model).
     """
+    require_gpt(model)
     directory = Path(directory)
     weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}
