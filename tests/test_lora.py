@@ -669,3 +669,17 @@ def test_load_adapter_refuses_a_non_boolean_activate(tiny_config, tmp_path):
     with pytest.raises(TypeError, match="activate='yes' must be True or False"):
         ml.load_adapter(model, tmp_path / "a", name="b", activate="yes")
     assert list(model.adapters) == ["a"]
+
+
+def test_a_loaded_pissa_adapter_also_gives_W_back_on_delete(tiny_config, tmp_path):
+    """load_adapter splits W as add_adapter does; deleting restores W bit for bit."""
+    model = ml.GPT(tiny_config, seed=4)
+    ml.add_adapter(model, ml.LoraConfig(r=3, alpha=6, target_modules=ALL, init="pissa"))
+    ml.save_adapter(model, tmp_path / "p")
+    fresh = ml.GPT(tiny_config, seed=4)
+    before, fingerprint = fresh.state_dict(), fresh.base_fingerprint()
+    ml.load_adapter(fresh, tmp_path / "p")
+    ml.delete_adapter(fresh, "default")
+    for name, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert fresh.base_fingerprint() == fingerprint
