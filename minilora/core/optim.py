@@ -105,16 +105,15 @@ class Optimizer:
                     f"optimizer state {key}: {kind} keeps no slot {slot!r}; "
                     f"its slots: {list(self.slots) or 'none'}"
                 )
-            value = to_host(value)
+            value = np.asarray(to_host(value))
             shape = self.model.params[name].shape
             if np.shape(value) != shape:
                 raise ValueError(
                     f"optimizer state {key}: shape {np.shape(value)} does not match {shape}"
                 )
-            if not np.issubdtype(np.asarray(value).dtype, np.floating):
+            if not np.issubdtype(value.dtype, np.floating):
                 raise ValueError(
-                    f"optimizer state {key}: dtype {np.asarray(value).dtype} is not a "
-                    "floating-point type"
+                    f"optimizer state {key}: dtype {value.dtype} is not a floating-point type"
                 )
             if not finite_as(value, self.model.dtype):  # 1e300 is finite in float64 only
                 raise ValueError(
@@ -151,6 +150,7 @@ class SGD(Optimizer):
         self.slots = ("m",) if self.momentum else ()  # the momentum buffer, if any
 
     def step(self) -> None:
+        self._drop_stale()
         self.t += 1
         for name, g in self.model.grads.items():
             p = self.model.params[name]
@@ -194,6 +194,7 @@ class AdamW(Optimizer):
         self.eps = in_range("eps", eps, 0.0)
 
     def step(self) -> None:
+        self._drop_stale()
         self.t += 1
         xp = self.model.xp
         correction1 = 1.0 - self.b1**self.t
