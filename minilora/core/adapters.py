@@ -187,7 +187,8 @@ def delete_adapter(model: GPT, name: str) -> list[str]:
     """Remove an adapter's A and B; returns the adapters active afterwards.
 
     A PiSSA adapter gives W back exactly as it was before the split (the saved copy, as
-    unmerge does), so the base's fingerprint is the same again. Deleting an active
+    unmerge does), so the base's fingerprint is the same again; a change made to those W
+    since the split is undone with it. Deleting an active
     adapter does what PEFT's ``delete_adapter`` does: the other active adapters stay
     active; if none is left, the first remaining adapter becomes active, with a warning
     that names it; with no adapter left, the base runs alone.
