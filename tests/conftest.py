@@ -10,6 +10,7 @@ import minilora as ml
 from minilora.basics import backend
 from minilora.basics.backend import to_host
 from minilora.core.gradcheck import relative_error
+from minilora.core.params import preset_config
 from minilora.lab.gradcheck_report import randomize_for_check
 
 try:
@@ -17,7 +18,7 @@ try:
 except ImportError:  # not on Windows: the memory cap is then skipped
     resource = None
 
-TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
+TINY = preset_config("tiny").to_dict()
 """The "tiny" configuration (docs/DESIGN.md, "Reference configurations"): float64 checks."""
 
 

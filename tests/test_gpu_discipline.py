@@ -99,7 +99,7 @@ def test_a_training_step_copies_only_the_loss_to_the_host(strict_gpu):
     for device, model in models.items():
         model.reseed(5)  # the stand-in draws dropout masks with NumPy's generator too
         strict_gpu.transfers.clear()
-        loss = model.loss(idx, targets, train=True)
+        loss = model.loss(idx, targets)  # training mode: dropout on
         model.backward()
         grads = dict(model.grads)
         ml.AdamW(model, lr=1e-2, weight_decay=0.1).step()

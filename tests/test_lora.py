@@ -35,8 +35,8 @@ def test_lora_linear_pair_gradcheck_with_dropout_mask():
         return ml.lora_linear_forward(x, W, b, [ml.LoraBranch(A, B, 2.5, mask)])
 
     def backward(dh, cache):  # (dx, dW, db, dA, dB): W and b are frozen, so None
-        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache)
-        assert dW is None and db is None  # frozen by default: dW is never formed
+        dx, dW, db, [(dA, dB)] = ml.lora_linear_backward(dh, cache, need_dW=False, need_db=False)
+        assert dW is None and db is None  # frozen: dW is never formed
         return dx, None, None, dA, dB
 
     results = gradcheck(forward, backward, inputs)
@@ -112,7 +112,7 @@ def test_whole_model_gradcheck_all_targets(tiny_config, use_rslora):
 
     def loss():
         model.reseed(7)  # the same dropout masks at every evaluation
-        return model.loss(idx, targets, train=True)
+        return model.loss(idx, targets)  # training mode: dropout on
 
     loss()
     model.backward()
@@ -206,9 +206,10 @@ def test_dropout_changes_training_but_never_eval(tiny_config):
     ml.add_adapter(model, ml.LoraConfig(r=4, dropout=0.5, target_modules=ALL))
     randomise_adapters(model)
     idx, _ = batch(tiny_config)
+    assert not np.allclose(model.forward(idx), model.forward(idx))  # training mode
+    model.eval()
     eval_a, eval_b = model.forward(idx), model.forward(idx)
     np.testing.assert_array_equal(eval_a, eval_b)
-    assert not np.allclose(model.forward(idx, train=True), model.forward(idx, train=True))
     # eval equals the same adapter with dropout 0
     other = random_model(tiny_config)
     ml.add_adapter(other, ml.LoraConfig(r=4, dropout=0.0, target_modules=ALL))
@@ -280,8 +281,8 @@ def test_training_while_merged_is_refused(tiny_config):
     ml.merge(model)
     idx, targets = batch(tiny_config)
     with pytest.raises(ValueError, match="unmerge"):
-        model.loss(idx, targets, train=True)
-    model.loss(idx, targets, train=False)  # evaluation is fine
+        model.loss(idx, targets)  # training mode
+    model.eval().loss(idx, targets)  # evaluation is fine
     with pytest.raises(ValueError, match="unmerge"):
         ml.set_adapter(model, "default")
 
@@ -508,7 +509,7 @@ def test_backward_while_merged_is_refused(tiny_config):
     ml.add_adapter(model, ml.LoraConfig(r=2), "a")
     ml.merge(model)
     idx, targets = batch(tiny_config)
-    model.loss(idx, targets, train=False)
+    model.eval().loss(idx, targets)
     with pytest.raises(ValueError, match="merged into W; call unmerge"):
         model.backward()
 
@@ -564,3 +565,121 @@ def test_adapter_on_a_different_base_is_refused(tiny_config, tmp_path):
     other = ml.GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, d_model=32)
     with pytest.raises(ValueError, match="adapter is for a model"):
         ml.load_adapter(ml.GPT(other, seed=1), tmp_path / "ad")
+
+
+# ------------------------------------------------------- issue 15 and 20 mends
+def test_pissa_delete_gives_W_back_bit_for_bit(tiny_config, tmp_path):
+    """Adding and deleting a PiSSA adapter leaves every W as it was, bit for bit, so the
+    base's fingerprint is unchanged and an adapter saved on that base still loads."""
+    model = ml.GPT(tiny_config, seed=3)  # float32: fl(fl(W - sBA) + sBA) misses W here
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), "plain")
+    ml.save_adapter(model, tmp_path / "plain", name="plain")
+    ml.delete_adapter(model, "plain")
+    before, fingerprint = model.state_dict(), model.base_fingerprint()
+    ml.add_adapter(model, ml.LoraConfig(r=4, alpha=8, target_modules=ALL, init="pissa"), "p")
+    ml.delete_adapter(model, "p")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert model.base_fingerprint() == fingerprint
+    assert ml.load_adapter(model, tmp_path / "plain") == "plain"
+
+
+def test_a_numpy_scalar_scale_keeps_float32():
+    """s = np.float64(2.0) on float32 arrays: outputs and gradients stay float32."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    x, W, b = rng.normal(size=(2, 3, 6)).astype(f32), rng.normal(size=(4, 6)).astype(f32), None
+    A, B = rng.normal(size=(2, 6)).astype(f32), rng.normal(size=(4, 2)).astype(f32)
+    h, cache = ml.lora_linear_forward(x, W, b, [ml.LoraBranch(A, B, np.float64(2.0))])
+    dx, _, _, [(dA, dB)] = ml.lora_linear_backward(np.ones_like(h), cache)
+    assert [a.dtype for a in (h, dx, dA, dB)] == [np.float32] * 4
+    assert ml.delta_weight(A, B, np.float64(2.0)).dtype == np.float32
+    with pytest.raises(TypeError, match="scale='2'"):
+        lora_forward(x, A, B, "2")
+
+
+def test_lora_linear_backward_defaults_to_every_gradient_as_linear_backward():
+    """need_dW and need_db default the same way in both backwards: every gradient."""
+    rng = np.random.default_rng(1)
+    x, W, b = rng.normal(size=(5, 6)), rng.normal(size=(4, 6)), rng.normal(size=4)
+    h, cache = ml.lora_linear_forward(x, W, b, [])
+    dx, dW, db, _ = ml.lora_linear_backward(np.ones_like(h), cache)
+    _, base_cache = ml.core.layers.linear_forward(x, W, b)
+    dx_ref, dW_ref, db_ref = ml.core.layers.linear_backward(np.ones_like(h), base_cache)
+    for got, want in ((dx, dx_ref), (dW, dW_ref), (db, db_ref)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_deleting_the_active_adapter_activates_another_as_peft_does(tiny_config):
+    """Other active adapters stay active; with none left, the first remaining adapter
+    becomes active, with a warning naming it; with no adapter left, the base runs."""
+    model = ml.GPT(tiny_config)
+    for name in ("a", "b", "c"):
+        ml.add_adapter(model, ml.LoraConfig(r=2), name)
+    ml.set_adapter(model, ["b", "c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ml.delete_adapter(model, "b") == ["c"]
+    with pytest.warns(UserWarning, match="'c' was active .* adapter 'a' is active now"):
+        assert ml.delete_adapter(model, "c") == ["a"]
+    assert model.active_adapters == ["a"]
+    assert model.is_trainable("h.0.attn.q.lora_A.a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ml.delete_adapter(model, "a") == []
+
+
+def test_combine_refuses_a_string_of_names_and_a_rank_for_cat(tiny_config):
+    model = random_model(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2), "default")
+    with pytest.raises(TypeError, match="names='default' must be a list"):
+        ml.combine_adapters(model, "default", [1.0], "x")
+    with pytest.raises(TypeError, match="weights=1.0 must be a list"):
+        ml.combine_adapters(model, ["default"], 1.0, "x")
+    with pytest.raises(ValueError, match="r=3 is only for method='svd'"):
+        ml.combine_adapters(model, ["default"], [1.0], "x", method="cat", r=3)
+    assert list(model.adapters) == ["default"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda tmp: ml.add_adapter(None, ml.LoraConfig()),
+        lambda tmp: ml.save_adapter(None, tmp / "x"),
+        lambda tmp: ml.load_adapter(None, tmp / "x"),
+        lambda tmp: ml.set_adapter(None, "default"),
+        lambda tmp: ml.delete_adapter(None, "default"),
+        lambda tmp: ml.merge(None),
+        lambda tmp: ml.combine_adapters(None, ["a"], [1.0], "b"),
+        lambda tmp: ml.core.adapters.unmerge(None),
+        lambda tmp: ml.files.checkpoints.save_model(None, tmp / "x"),
+    ],
+    ids=["add", "save", "load", "set", "delete", "merge", "combine", "unmerge", "save_model"],
+)
+def test_adapter_functions_refuse_a_model_that_is_not_a_gpt(call, tmp_path):
+    with pytest.raises(TypeError, match="model must be a minilora GPT, got NoneType"):
+        call(tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_adapter_refuses_a_non_boolean_activate(tiny_config, tmp_path):
+    model = ml.GPT(tiny_config)
+    ml.add_adapter(model, ml.LoraConfig(r=2), "a")
+    ml.save_adapter(model, tmp_path / "a", name="a")
+    with pytest.raises(TypeError, match="activate='yes' must be True or False"):
+        ml.load_adapter(model, tmp_path / "a", name="b", activate="yes")
+    assert list(model.adapters) == ["a"]
+
+
+def test_a_loaded_pissa_adapter_also_gives_W_back_on_delete(tiny_config, tmp_path):
+    """load_adapter splits W as add_adapter does; deleting restores W bit for bit."""
+    model = ml.GPT(tiny_config, seed=4)
+    ml.add_adapter(model, ml.LoraConfig(r=3, alpha=6, target_modules=ALL, init="pissa"))
+    ml.save_adapter(model, tmp_path / "p")
+    fresh = ml.GPT(tiny_config, seed=4)
+    before, fingerprint = fresh.state_dict(), fresh.base_fingerprint()
+    ml.load_adapter(fresh, tmp_path / "p")
+    ml.delete_adapter(fresh, "default")
+    for name, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert fresh.base_fingerprint() == fingerprint

@@ -19,12 +19,13 @@ batch = functools.partial(token_batch, B=2, ignore=2)  # (cfg, seed) -> idx, tar
 
 def model_gradcheck(model, idx, targets):
     """Loss + backward once, then finite differences for every parameter in model.grads."""
-    model.loss(idx, targets, train=False)
+    model.eval()  # no dropout: the loss is a fixed function of the weights
+    model.loss(idx, targets)
     model.backward()
     grads = dict(model.grads)
 
     def loss_fn():
-        return model.loss(idx, targets, train=False)
+        return model.loss(idx, targets)
 
     arrays = {name: model.params[name] for name in grads}
     return check_gradients(loss_fn, arrays, grads)
@@ -259,7 +260,7 @@ def test_learns_a_repeating_sequence(tiny_config):
         model.backward()
         opt.step()
         opt.zero_grad()
-    final = model.loss(idx, targets, train=False)
+    final = model.eval().loss(idx, targets)
     assert first > 3.5  # ~log(65) before training
     assert final < 0.05  # speed is the benchmark's business (minilora bench), not a test's
 
@@ -323,20 +324,24 @@ def test_generate_bad_arguments(tiny_config, kwargs, named):
 
 # ------------------------------------------------------------------------- dropout
 def test_dropout_train_random_eval_deterministic(tiny_config):
-    """With dropout>0, train=True changes logits per call; train=False is fixed and
+    """With dropout>0, training mode changes logits per call; eval mode is fixed and
     equals a dropout-0 model with the same weights."""
     cfg = ml.GPTConfig(**{**tiny_config.to_dict(), "dropout": 0.2})
     model = random_model(cfg, dtype="float64")
     plain = ml.GPT(tiny_config, seed=5, dtype="float64")
     plain.load_state_dict(model.state_dict())
     idx, targets = batch(cfg, 8)
-    t1, t2 = model.forward(idx, train=True), model.forward(idx, train=True)
+    assert model.training  # a new model starts in training mode, as in PyTorch
+    t1, t2 = model.forward(idx), model.forward(idx)
     assert not np.allclose(t1, t2)
-    e1, e2 = model.forward(idx, train=False), model.forward(idx, train=False)
+    assert model.eval() is model and not model.training
+    e1, e2 = model.forward(idx), model.forward(idx)
     np.testing.assert_array_equal(e1, e2)
     np.testing.assert_array_equal(e1, plain.forward(idx))
     assert not np.allclose(t1, e1)
-    assert model.loss(idx, targets, train=False) == plain.loss(idx, targets, train=False)
+    assert model.loss(idx, targets) == plain.loss(idx, targets)
+    assert model.train() is model and model.training
+    assert not np.allclose(model.forward(idx), e1)
 
 
 def test_dropout_model_gradients_with_fixed_masks(tiny_config):
@@ -347,7 +352,7 @@ def test_dropout_model_gradients_with_fixed_masks(tiny_config):
 
     def loss_fn():
         model.reseed(11)  # the same masks every call
-        return model.loss(idx, targets, train=True)
+        return model.loss(idx, targets)  # training mode: dropout on
 
     loss_fn()
     model.backward()
@@ -373,3 +378,33 @@ def test_a_model_beyond_memory_fails_before_allocating():
     huge = ml.GPTConfig(vocab_size=96, block_size=64, n_layer=100_000, n_head=4, d_model=1024)
     with pytest.raises(ValueError, match=r"needs about [\d,.]+ GB"):
         ml.GPT(huge)
+
+
+# -------------------------------------------------------------------- modes
+def test_train_and_eval_set_the_mode_and_nothing_else(tiny_config):
+    """model.train() / model.eval() as in PyTorch: they return the model, only bools are
+    modes, and forward/loss take no per-call train flag any more."""
+    model = ml.GPT(tiny_config)
+    assert model.training is True
+    assert model.eval() is model and model.training is False
+    assert model.train() is model and model.training is True
+    assert model.train(False) is model and model.training is False
+    with pytest.raises(TypeError, match="mode='yes' must be True or False"):
+        model.train("yes")
+    assert model.training is False
+    idx, targets = batch(tiny_config, 1)
+    with pytest.raises(TypeError, match="train"):
+        model.forward(idx, train=True)
+    with pytest.raises(TypeError, match="train"):
+        model.loss(idx, targets, train=True)
+
+
+def test_generate_runs_without_dropout_in_either_mode(tiny_config):
+    """Sampling is inference: the same tokens in training and eval mode, mode kept."""
+    model = random_model(ml.GPTConfig(**{**tiny_config.to_dict(), "dropout": 0.5}))
+    idx, _ = batch(tiny_config, 2)
+    in_training = model.generate(idx[:, :4], 6, seed=1)
+    assert model.training
+    in_eval = model.eval().generate(idx[:, :4], 6, seed=1)
+    assert not model.training
+    np.testing.assert_array_equal(in_training, in_eval)

@@ -320,3 +320,140 @@ def test_an_adapter_added_again_under_the_same_name_starts_with_fresh_moments():
     fresh.step()
     for n in before:
         np.testing.assert_array_equal(after_old[n], model.params[n], err_msg=n)
+
+
+# ------------------------------------------------------- issue 15 and 20 mends
+def trained_adamw(model, steps=2):
+    opt = ml.AdamW(model, lr=1e-2)
+    for step in range(steps):
+        model.loss(*train_batch(step))
+        model.backward()
+        opt.step()
+    return opt
+
+
+def snapshot(opt):
+    return opt.t, opt.lr, {n: {k: np.array(v) for k, v in s.items()} for n, s in opt.state.items()}
+
+
+def assert_unchanged(opt, before):
+    t, lr, state = before
+    assert (opt.t, opt.lr) == (t, lr) and set(opt.state) == set(state)
+    for name, slots in state.items():
+        assert set(opt.state[name]) == set(slots)
+        for key, value in slots.items():
+            np.testing.assert_array_equal(opt.state[name][key], value)
+
+
+def bad_states(good):
+    """(label, state, message) for states that must be refused at load."""
+    m_only = {k: v for k, v in good.items() if not k.endswith(".v")}
+    key = "state.wte.weight.v"
+    return [
+        ("missing v", m_only, r"slots \['m'\]; AdamW keeps \['m', 'v'\]"),
+        ("unknown slot", {**good, "state.wte.weight.u": good[key]}, "no slot 'u'"),
+        ("int32 moments", {**good, key: good[key].astype(np.int32)}, "dtype int32"),
+        ("NaN moment", {**good, key: np.full_like(good[key], np.nan)}, "NaN or inf"),
+        ("1e300 in float32", {**good, key: good[key] + np.float64(1e300)}, "NaN or inf"),
+        ("negative v", {**good, key: -good[key] - 1.0}, "state.wte.weight.v is negative"),
+        ("wrong shape", {**good, key: good[key][:2]}, "shape"),
+        ("unknown key", {**good, "momentum": 0.9}, "key 'momentum' is not known"),
+    ]
+
+
+def test_adamw_load_refuses_a_bad_state_and_changes_nothing():
+    """Every check happens at load, with one error; the optimizer is left as it was."""
+    model = make_model(dtype="float32")
+    opt = trained_adamw(model)
+    good = opt.state_dict()
+    for _label, state, message in bad_states(good):
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(state)
+        assert_unchanged(opt, before)
+    with pytest.raises(TypeError, match="optimizer state must be a dict, got list"):
+        opt.load_state_dict([])
+
+
+def test_an_sgd_state_is_refused_by_adamw_at_load():
+    model = make_model()
+    sgd = ml.SGD(model, lr=1e-2, momentum=0.9)
+    model.loss(*train_batch())
+    model.backward()
+    sgd.step()
+    adamw = ml.AdamW(model)
+    with pytest.raises(ValueError, match=r"AdamW keeps \['m', 'v'\]"):
+        adamw.load_state_dict(sgd.state_dict())
+    assert adamw.t == 0 and adamw.state == {}
+    with pytest.raises(ValueError, match=r"SGD keeps no slot '[mv]'; its slots: none"):
+        ml.SGD(model).load_state_dict(adamw_state := trained_adamw(model).state_dict())
+    assert "state.wte.weight.v" in adamw_state
+
+
+def test_an_adapter_added_again_at_another_rank_keeps_the_optimizer_usable():
+    """Delete an adapter and add it again at rank 4: the old rank-2 moments are dropped,
+    a saved state loads back, and steps run (they failed with a broadcast error)."""
+    model = make_model(dtype="float32")
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), "a")
+    opt = trained_adamw(model)
+    ml.delete_adapter(model, "a")
+    ml.add_adapter(model, ml.LoraConfig(r=4, target_modules=("q",)), "a")
+    state = opt.state_dict()
+    assert not any(".lora_" in k for k in state)  # the rank-2 moments are gone
+    opt.load_state_dict(state)
+    for step in range(2):
+        model.loss(*train_batch(step))
+        model.backward()
+        opt.step()
+    assert opt.state["h.0.attn.q.lora_A.a"]["m"].shape == (4, 8)
+    assert np.isfinite(model.params["h.0.attn.q.lora_A.a"]).all()
+
+
+def test_load_resets_the_scratch_arrays():
+    """A state loaded after an adapter changed rank steps without a broadcast error."""
+    model = make_model(dtype="float32")
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), "a")
+    opt = trained_adamw(model)  # scratch arrays of rank-2 shapes
+    ml.delete_adapter(model, "a")
+    ml.add_adapter(model, ml.LoraConfig(r=4, target_modules=("q",)), "a")
+    other = trained_adamw(model)
+    opt.load_state_dict(other.state_dict())
+    model.loss(*train_batch(3))
+    model.backward()
+    opt.step()
+    assert opt.t == other.t + 1
+
+
+@pytest.mark.parametrize("make_opt", [ml.AdamW, ml.SGD], ids=["AdamW", "SGD"])
+def test_an_optimizer_needs_a_model(make_opt):
+    with pytest.raises(TypeError, match="model must be a minilora GPT, got NoneType"):
+        make_opt(None)
+
+
+@pytest.mark.parametrize("make_opt", [ml.AdamW, ml.SGD], ids=["AdamW", "SGD"])
+def test_weight_decay_reaches_lora_A_and_B(make_opt):
+    """Decoupled decay shrinks A and B like any matrix: with zero gradients, both are
+    scaled by exactly (1 - lr wd). (An optimizer that exempted them would fail here.)"""
+    model = make_model()
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "v")))
+    randomise = np.random.default_rng(3)
+    for name in model.trainable_names():
+        model.params[name][...] = randomise.normal(size=model.params[name].shape)
+    lr, wd = 0.1, 0.2
+    opt = make_opt(model, lr=lr, weight_decay=wd)
+    start = model.state_dict()
+    model.grads = {n: np.zeros_like(model.params[n]) for n in model.trainable_names()}
+    opt.step()
+    names = model.trainable_names()
+    assert sorted({n.split(".")[-2] for n in names}) == ["lora_A", "lora_B"]
+    for name in names:
+        np.testing.assert_allclose(model.params[name], (1 - lr * wd) * start[name], rtol=1e-14)
+
+
+def test_adamw_defaults_have_one_home():
+    """The benchmark and the PyTorch reference read AdamW's defaults from its signature."""
+    from minilora.core.optim import ADAMW_DEFAULTS
+
+    assert ADAMW_DEFAULTS == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    opt = ml.AdamW(make_model())
+    assert (opt.lr, (opt.b1, opt.b2), opt.eps, opt.weight_decay) == tuple(ADAMW_DEFAULTS.values())

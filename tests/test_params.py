@@ -281,3 +281,24 @@ def test_count_parameters_bad_model():
 )
 def test_module_key(name, key):
     assert module_key(name) == key
+
+
+def test_adam_state_bytes_follow_the_parameters_dtype():
+    """AdamW keeps m and v like the parameters: 2 x bytes_per_param each (float16: 4)."""
+    cfg = preset("small")
+    for bpp in (2, 4, 8):
+        full = memory_estimate(cfg, None, bytes_per_param=bpp)
+        lora = memory_estimate(cfg, 8, ("q", "v"), bytes_per_param=bpp)
+        assert full["optimizer"] == 2 * full["gradients"] == 2 * bpp * full["trainable"]
+        assert lora["optimizer"] == 2 * bpp * lora_parameter_count(4, 128, 8, ("q", "v"))
+
+
+def test_the_tiny_config_has_one_home():
+    """params.PRESETS["tiny"] is the tiny config; preset_config builds its GPTConfig."""
+    from minilora.core.params import preset_config
+
+    tiny = preset_config("tiny")
+    assert tiny == ml.GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
+    assert preset_config("small").d_model == preset("small")["d_model"]
+    with pytest.raises(ValueError, match="preset 'huge' is not known"):
+        preset_config("huge")

@@ -62,7 +62,7 @@ def test_lora_gradients_match_torch(tiny_config, monkeypatch):
         return out, cache
 
     monkeypatch.setattr(ml.core.lora, "lora_forward", recording)  # the LoRA layer's branch
-    loss = model.loss(idx, targets, train=True)
+    loss = model.loss(idx, targets)  # training mode: dropout on
     monkeypatch.undo()
     model.backward()
 

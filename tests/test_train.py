@@ -292,3 +292,22 @@ def test_a_huge_alpha_is_a_divergence_not_a_warning(tmp_path):
 def test_batch_size_beyond_memory_fails_before_allocating():
     with pytest.raises(ValueError, match=r"batch_size=100000000 needs about .* GB"):
         trainer_at(None, model=lora_model(), batch_size=100_000_000)
+
+
+def test_validation_runs_in_eval_mode_and_training_in_training_mode():
+    """evaluate switches to eval mode (no dropout) and gives the mode back; a training
+    step puts the model in training mode, whatever it was in."""
+    from minilora.training.train import evaluate
+
+    model = lora_model(dropout=0.5)
+    for name in model.trainable_names():  # B != 0, so that dropout changes the output
+        model.params[name][...] = np.random.default_rng(2).normal(0, 0.3, model.params[name].shape)
+    batch = ShiftTask().eval_batch(16, 24, seed=1)
+    first = evaluate(model, batch)
+    assert model.training  # given back as it was
+    assert evaluate(model, batch) == first  # no dropout masks: the same every time
+    model.eval()
+    assert evaluate(model, batch) == first and not model.training
+    trainer = Trainer(model, ShiftTask(), config(1), progress=False)
+    trainer.train_step()
+    assert model.training

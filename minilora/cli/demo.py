@@ -20,11 +20,11 @@ from minilora.basics.backend import to_host
 from minilora.basics.blas import describe as describe_threads
 from minilora.core import params
 from minilora.core.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
-from minilora.core.lora import LoraConfig, delta_weight
+from minilora.core.lora import LoraConfig, delta_weight, gaussian_std
 from minilora.files import checkpoints
 from minilora.files.checkpoints import BUILTIN_BASE, load_base
 from minilora.training.data import get_task
-from minilora.training.train import TrainConfig, Trainer, evaluate
+from minilora.training.train import LORA_LR, TrainConfig, Trainer, evaluate
 
 BATCH_SIZE = 64
 
@@ -58,7 +58,7 @@ def run_demo(args: Namespace) -> int:
     )
     val = task.eval_batch(256, block, seed=args.seed)
     base_metrics = evaluate(model, val)
-    base_logits = to_host(model.forward(val.idx[:8]))
+    base_logits = to_host(model.eval().forward(val.idx[:8]))  # eval mode: no dropout
 
     _heading("2. Add a LoRA adapter")
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
@@ -72,7 +72,7 @@ def run_demo(args: Namespace) -> int:
     )
     print(
         f"A {A.shape}: mean {A.mean():+.4f}, std {A.std():.4f} (init N(0, (1/r)^2): "
-        f"std {1 / lcfg.r:.4f})"
+        f"std {gaussian_std(lcfg.r):.4f})"
     )
     print(f"B {B.shape}: all zero = {not B.any()}  ->  ΔW = s B A = 0")
     diff = np.abs(to_host(model.forward(val.idx[:8])) - base_logits).max()
@@ -97,7 +97,7 @@ def run_demo(args: Namespace) -> int:
         steps=args.steps,
         batch_size=BATCH_SIZE,
         block_size=block,
-        lr=3e-3,
+        lr=LORA_LR,
         warmup=10,
         eval_every=0,
         eval_size=256,
@@ -109,7 +109,7 @@ def run_demo(args: Namespace) -> int:
     train_seconds = time.perf_counter() - t0
     print(describe_threads(trainer.blas_threads, trainer.thread_choice, model.device))
     lora_metrics = evaluate(model, val)
-    unmerged_logits = to_host(model.forward(val.idx))
+    unmerged_logits = to_host(model.eval().forward(val.idx))  # the trainer left training mode
     W0 = to_host(model.params["h.0.attn.q.weight"]).copy()
     merge(model)
     merged_metrics = evaluate(model, val)

@@ -11,6 +11,7 @@ import sys
 
 from minilora.basics.backend import DeviceUnavailableError
 from minilora.lab import bench_report
+from minilora.training.train import LORA_LR
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
-    _training(p, steps=300, batch=64, lr=3e-3)
+    _training(p, steps=300, batch=64, lr=LORA_LR)
 
     p = sub.add_parser(
         "generate",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import require_memory, to_host
-from minilora.basics.checks import non_negative_int, positive_int, real
+from minilora.basics.checks import non_negative_int, one_of, positive_int, real
 from minilora.core.lora import (
     TARGET_MODULES,
     Adapter,
@@ -29,7 +29,7 @@ from minilora.core.lora import (
     pissa_factors,
     random_factors,
 )
-from minilora.core.model import GPT
+from minilora.core.model import GPT, require_gpt
 
 Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B) on the host
 
@@ -82,11 +82,18 @@ def pissa_split(
 
 def apply_pissa_split(
     model: GPT, split: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Write each W_residual into W (in place); returns {module: (A0, B0)}."""
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """Write each W_residual into W (in place).
+
+    Returns ({module: (A0, B0)}, {module: W before the split, a host copy}): the second
+    is what delete_adapter puts back.
+    """
+    before = {}
     for module, (_, _, W_residual) in split.items():
-        model.params[f"{module}.weight"][...] = model.backend.asarray(W_residual, model.dtype)
-    return {module: (A, B) for module, (A, B, _) in split.items()}
+        W = model.params[f"{module}.weight"]
+        before[module] = to_host(W).copy()
+        W[...] = model.backend.asarray(W_residual, model.dtype)
+    return {module: (A, B) for module, (A, B, _) in split.items()}, before
 
 
 def install_adapter(
@@ -97,10 +104,17 @@ def install_adapter(
     fingerprint: str,
     pissa_init: Factors | None = None,
     activate: bool = True,
+    pissa_base: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Freeze the base, attach A and B of every module, and (by default) make ``name`` active."""
+    """Freeze the base, attach A and B of every module, and (by default) make ``name`` active.
+
+    PiSSA adapters pass ``apply_pissa_split``'s two results as ``pissa_init`` and
+    ``pissa_base``.
+    """
     model.freeze(*model.base_names())
-    adapter = Adapter(name, config, tuple(factors), fingerprint, dict(pissa_init or {}))
+    adapter = Adapter(
+        name, config, tuple(factors), fingerprint, dict(pissa_init or {}), dict(pissa_base or {})
+    )
     model.attach_adapter(adapter, factors)
     if activate:
         model.activate_adapters([name])
@@ -114,6 +128,7 @@ def add_adapter(
     A is drawn on the host (seeded by ``seed``, default the model's seed, and the
     adapter's name) so CPU and GPU start from the same adapter.
     """
+    require_gpt(model)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
     check_adapter_name(name)
@@ -137,13 +152,14 @@ def add_adapter(
                 "the update BA cannot have rank above that",
                 stacklevel=2,
             )
+    pissa_init, pissa_base = {}, {}
     if config.init == "pissa":
-        factors = pissa_init = apply_pissa_split(model, pissa_split(model, modules, config))
+        pissa_init, pissa_base = apply_pissa_split(model, pissa_split(model, modules, config))
+        factors = pissa_init
     else:
         shapes = {m: model.params[f"{m}.weight"].shape for m in modules}
         factors = {m: random_factors(*shapes[m], config.r, config.init, rng) for m in modules}
-        pissa_init = {}
-    install_adapter(model, name, config, factors, fingerprint, pissa_init)
+    install_adapter(model, name, config, factors, fingerprint, pissa_init, pissa_base=pissa_base)
 
 
 # -------------------------------------------------------------------- switching
@@ -152,6 +168,7 @@ def set_adapter(model: GPT, names: str | Sequence[str]) -> None:
 
     The active adapters' A and B become trainable; every other adapter is frozen.
     """
+    require_gpt(model)
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         require_adapter(model, n)
@@ -166,14 +183,32 @@ def disable_adapters(model: GPT) -> None:
     set_adapter(model, [])
 
 
-def delete_adapter(model: GPT, name: str) -> None:
-    """Remove an adapter's A and B. A PiSSA adapter gives W back its top-r part."""
+def delete_adapter(model: GPT, name: str) -> list[str]:
+    """Remove an adapter's A and B; returns the adapters active afterwards.
+
+    A PiSSA adapter gives W back exactly as it was before the split (the saved copy, as
+    unmerge does), so the base's fingerprint is the same again; a change made to those W
+    since the split is undone with it. Deleting an active
+    adapter does what PEFT's ``delete_adapter`` does: the other active adapters stay
+    active; if none is left, the first remaining adapter becomes active, with a warning
+    that names it; with no adapter left, the base runs alone.
+    """
+    require_gpt(model)
     require_adapter(model, name)
     require_unmerged(model, "delete an adapter")
+    was_active = name in model.active_adapters
     adapter = model.detach_adapter(name)
-    for module, (A0, B0) in adapter.pissa_init.items():
-        W = model.params[f"{module}.weight"]
-        W += model.backend.asarray(adapter.config.scale * (B0 @ A0), dtype=model.dtype)
+    for module, W_before in adapter.pissa_base.items():
+        model.params[f"{module}.weight"][...] = model.backend.asarray(W_before, model.dtype)
+    if was_active and not model.active_adapters and model.adapters:
+        successor = next(iter(model.adapters))
+        warnings.warn(
+            f"adapter {name!r} was active and is now deleted; adapter {successor!r} is "
+            "active now (set_adapter(model, []) runs the base alone)",
+            stacklevel=2,
+        )
+        model.activate_adapters([successor])
+    return model.active_adapters
 
 
 # ---------------------------------------------------------------------- merging
@@ -194,6 +229,7 @@ def merge(model: GPT) -> None:
     of |W| + |ΔW| (1.5e-8 on the demo's float32 base), which would change the base's
     fingerprint and so which adapters fit it.
     """
+    require_gpt(model)
     merged, saved = model.merged_adapters, dict(model.premerge_weights)
     for name in model.active_adapters:
         if name not in merged:
@@ -207,6 +243,7 @@ def merge(model: GPT) -> None:
 
 def unmerge(model: GPT) -> None:
     """Undo merge: every changed W gets back its value from before the merge, exactly."""
+    require_gpt(model)
     for name, W in model.premerge_weights.items():
         model.params[name][...] = W
     model.mark_merged([])
@@ -214,8 +251,17 @@ def unmerge(model: GPT) -> None:
 
 # -------------------------------------------------------------------- combining
 def _check_combination(
-    model: GPT, names: Sequence[str], weights: Sequence[float], new_name: str, method: str
+    model: GPT,
+    names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    method: str,
+    r: int | None,
 ) -> tuple[list[Adapter], list[float]]:
+    require_gpt(model)
+    for what, value in (("names", names), ("weights", weights)):
+        if not isinstance(value, (list, tuple)):  # a str is a sequence too: of letters
+            raise TypeError(f"{what}={value!r} must be a list, one entry per adapter")
     names, weights = list(names), list(weights)
     if not names:
         raise ValueError("combine_adapters needs at least one adapter name")
@@ -228,8 +274,12 @@ def _check_combination(
     if len(weights) != len(names):
         raise ValueError(f"weights={weights!r} must be {len(names)} numbers, one per adapter")
     weights = [real("weight", w) for w in weights]
-    if method not in ("cat", "svd"):
-        raise ValueError(f"method={method!r} is not known; allowed: cat, svd")
+    one_of("method", method, ("cat", "svd"))
+    if method == "cat" and r is not None:
+        raise ValueError(
+            f"r={r!r} is only for method='svd'; 'cat' is exact, with rank the sum of the "
+            "adapters' ranks"
+        )
     check_adapter_name(new_name)
     if new_name in model.adapters:
         raise ValueError(f"adapter {new_name!r} exists already")
@@ -281,7 +331,7 @@ def combine_adapters(
     """Make one adapter whose update is sum_i w_i s_i B_i A_i (not activated).
 
     method "cat": exact. Stack the factors, A = [A_1; A_2; ...] and B = [w_1 s_1 B_1,
-    w_2 s_2 B_2, ...] with scale 1, rank sum r_i: B A = sum_i w_i s_i B_i A_i.
+    w_2 s_2 B_2, ...] with scale 1, rank sum r_i: B A = sum_i w_i s_i B_i A_i (no ``r``).
     method "svd": the best rank-r approximation (Eckart-Young) of that sum, r default
     max r_i. Returns each module's relative Frobenius error ||ΔW - ΔW_r|| / ||ΔW||
     (all 0 for "cat").
@@ -289,7 +339,7 @@ def combine_adapters(
     The result adapts every target of any source on every layer of any source, so its
     config describes it exactly; a module no source adapts gets A = B = 0 (ΔW = 0).
     """
-    sources, weights = _check_combination(model, names, weights, new_name, method)
+    sources, weights = _check_combination(model, names, weights, new_name, method, r)
     if method == "cat":
         rank = sum(a.config.r for a in sources)
     else:

@@ -42,6 +42,7 @@ from minilora.basics.checks import (
     positive_int,
     positive_real,
     probability,
+    real,
 )
 from minilora.core.layers import (
     as_rows,
@@ -79,7 +80,10 @@ def lora_forward(
 
     x (N..., d_in), A (r, d_in), B (d_out, r), mask (N..., d_in) or None.
     Returns delta_h (N..., d_out). Cache: x and mask as rows, A, B, s, u = D(x) A^T.
+    ``scale`` becomes a Python float: a NumPy float64 scalar would promote float32
+    activations and gradients to float64.
     """
+    scale = real("scale", scale)
     x2 = as_rows(x)  # (rows, d_in)
     mask2 = None if mask is None else as_rows(mask)
     xd, _ = dropout_forward(x2, mask2)  # D(x)              (rows, d_in)
@@ -143,16 +147,16 @@ def lora_linear_forward(
 def lora_linear_backward(
     dh: Array,
     cache: tuple,
-    need_dW: bool = False,
-    need_db: bool = False,
+    need_dW: bool = True,
+    need_db: bool = True,
     need_dAB: Sequence[tuple[bool, bool]] | None = None,
 ) -> tuple[Array, Array | None, Array | None, list[tuple[Array | None, Array | None]]]:
     """dx = dh W + sum_j D_j'(du_j A_j);  dA_j, dB_j as in :func:`lora_backward`.
 
-    W and b are frozen under LoRA (need_dW = need_db = False, the default), so the base
-    contributes only the pass-through dx = dh W and dW is never formed. ``need_dAB``
-    says per branch whether dA and dB are wanted (default: all). Returns
-    (dx, dW, db, [(dA_j, dB_j) for each branch]).
+    Every gradient by default, as ``linear_backward``. Under LoRA, W and b are frozen:
+    pass need_dW = need_db = False (the model does), and the base contributes only the
+    pass-through dx = dh W; dW is never formed. ``need_dAB`` says per branch whether
+    dA and dB are wanted (default: all). Returns (dx, dW, db, [(dA_j, dB_j) ...]).
     """
     base_cache, lora_caches = cache
     need_dAB = [(True, True)] * len(lora_caches) if need_dAB is None else need_dAB
@@ -167,16 +171,22 @@ def lora_linear_backward(
 
 def delta_weight(A: Array, B: Array, scale: float) -> Array:
     """ΔW = s * B A  (d_out, d_in): what merge adds to W (PEFT's get_delta_weight)."""
-    return scale * (B @ A)
+    return real("scale", scale) * (B @ A)  # a Python float: keeps A's and B's dtype
 
 
 # ---------------------------------------------------------------- initialisation
+def gaussian_std(r: int) -> float:
+    """The standard deviation of A's entries under init "gaussian" (PEFT's): 1 / r,
+    so u = x A^T shrinks as the rank grows."""
+    return 1.0 / r
+
+
 def random_factors(
     d_out: int, d_in: int, r: int, init: str, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) on the host in float64 for the random inits: A drawn, B = 0, so ΔW = 0."""
-    if init == "gaussian":  # PEFT's "gaussian": std 1/r, so u = x A^T shrinks with r
-        return rng.normal(0.0, 1.0 / r, (r, d_in)), np.zeros((d_out, r))
+    if init == "gaussian":
+        return rng.normal(0.0, gaussian_std(r), (r, d_in)), np.zeros((d_out, r))
     if init == "kaiming":  # kaiming_uniform_(a=sqrt(5)), nn.Linear's default
         bound = 1.0 / math.sqrt(d_in)
         return rng.uniform(-bound, bound, (r, d_in)), np.zeros((d_out, r))
@@ -269,6 +279,10 @@ class Adapter:
     base_fingerprint: str  # base_fingerprint() of the weights it was made for
     # PiSSA only: the initial (A0, B0) on the host whose product was taken out of W
     pissa_init: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # PiSSA only: each W as it was before the split (host copies, the model's dtype).
+    # Deleting the adapter puts these back bit for bit: adding s B0 A0 to the residual
+    # again would miss W by rounding, and so change the base's fingerprint.
+    pissa_base: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def module_path(block: int, target: str) -> str:

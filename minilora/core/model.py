@@ -22,6 +22,12 @@ it describes, behind read-only properties (``adapters``, ``active_adapters``,
 frozen set (``attach_adapter``, ``detach_adapter``, ``activate_adapters``,
 ``mark_merged``). ``adapters.py`` decides *what* to do (draw A, merge, combine) and
 calls only these; nothing else writes the state.
+
+Training and evaluation are a mode of the model, as in PyTorch: ``model.train()`` and
+``model.eval()`` set ``model.training``, which ``forward`` and ``loss`` read. Dropout
+(the base's and every adapter's) runs in training mode only; ``generate`` always runs
+without it. A new model starts in training mode; the trainer switches to training mode
+for its steps and to eval mode for validation.
 """
 
 from __future__ import annotations
@@ -44,7 +50,13 @@ from minilora.basics.backend import (
     resolve_dtype,
     to_host,
 )
-from minilora.basics.checks import non_negative_int, positive_int, positive_real, probability
+from minilora.basics.checks import (
+    boolean,
+    non_negative_int,
+    positive_int,
+    positive_real,
+    probability,
+)
 from minilora.core.layers import (
     IGNORE_INDEX,
     attention_backward,
@@ -180,6 +192,11 @@ class ModelCache(NamedTuple):
 class GPT:
     """The model: parameters in a flat dict, forward/backward written out by hand.
 
+    Modes, as in PyTorch: ``training`` is True after construction and ``train()``, and
+    False after ``eval()``. It decides one thing: whether dropout is on in ``forward``
+    and ``loss`` (and ``loss`` in training mode refuses merged adapters, which would
+    train W instead). Evaluate with ``model.eval()``, train with ``model.train()``.
+
     >>> model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32))
     >>> model.forward(np.zeros((1, 4), dtype=np.int64)).shape
     (1, 4, 65)
@@ -210,6 +227,7 @@ class GPT:
         self._merged: list[str] = []
         self._premerge: dict[str, Array] = {}  # weights before merge, put back by unmerge
         self.rng = self.backend.rng(seed)  # dropout masks
+        self.training = True  # dropout on; see train() and eval()
         self._cache: ModelCache | None = None
 
     def __repr__(self) -> str:
@@ -219,6 +237,16 @@ class GPT:
             f"vocab_size={c.vocab_size}, block_size={c.block_size}, dtype={self.dtype.name}, "
             f"device={self.device!r}, adapters={list(self._adapters)})"
         )
+
+    # -------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> GPT:
+        """Training mode (dropout on), or eval mode with ``mode=False``; returns the model."""
+        self.training = boolean("mode", mode)
+        return self
+
+    def eval(self) -> GPT:
+        """Eval mode: no dropout, the same output on every call. Returns the model."""
+        return self.train(False)
 
     # ------------------------------------------------------------- trainability
     def trainable_names(self) -> list[str]:
@@ -413,21 +441,24 @@ class GPT:
         logits, c_head = linear_forward(lnf, p["wte.weight"])  # tied head: lnf wte^T (B, T, V)
         return logits, (c_tok, c_pos, c_embdrop, c_blocks, c_lnf, c_head)
 
-    def forward(self, idx: Any, train: bool = False) -> Array:
-        """Logits (B, T, V) for token ids ``idx`` (B, T). ``train`` turns dropout on."""
-        logits, _ = self._forward(self._as_ids(idx, "idx"), train)
+    def forward(self, idx: Any) -> Array:
+        """Logits (B, T, V) for token ids ``idx`` (B, T); dropout in training mode only."""
+        logits, _ = self._forward(self._as_ids(idx, "idx"), self.training)
         return logits
 
-    def loss(self, idx: Any, targets: Any, train: bool = True) -> float:
+    def loss(self, idx: Any, targets: Any) -> float:
         """Mean cross-entropy of next-token prediction; keeps the caches for ``backward``.
 
         ``targets`` (B, T): the token that should follow each position, or
-        ``IGNORE_INDEX`` (-1) for positions that do not count.
+        ``IGNORE_INDEX`` (-1) for positions that do not count. Dropout in training mode
+        only, as in :meth:`forward`.
         """
+        train = self.training
         if train and self._merged:
             raise ValueError(
                 f"adapters {self._merged} are merged into W; training them now would "
-                "train W instead. Call unmerge(model) before training"
+                "train W instead. Call unmerge(model) before training, or model.eval() "
+                "to evaluate"
             )
         idx = self._as_ids(idx, "idx")
         targets = self._as_ids(targets, "targets", allow_ignore=True)
@@ -529,7 +560,8 @@ class GPT:
 
         Greedy takes the most likely token; otherwise it samples from
         softmax(logits / temperature), restricted to the ``top_k`` most likely tokens.
-        The context is cropped to the last ``block_size`` tokens.
+        The context is cropped to the last ``block_size`` tokens. Generation runs without
+        dropout in either mode (the mode is left as it was).
         """
         max_new_tokens = non_negative_int("max_new_tokens", max_new_tokens)
         temperature = positive_real("temperature", temperature)
@@ -541,7 +573,8 @@ class GPT:
         rng = host_rng(seed)
         for _ in range(max_new_tokens):
             context = out[:, -self.config.block_size :]
-            logits = to_host(self.forward(context)[:, -1, :]).astype(np.float64)
+            logits, _ = self._forward(self.xp.asarray(context), False)  # no dropout
+            logits = to_host(logits[:, -1, :]).astype(np.float64)
             if greedy:
                 nxt = logits.argmax(axis=-1)
             else:
@@ -602,6 +635,13 @@ class GPT:
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} first: W holds their update")
         return weights_fingerprint({name: self.params[name] for name in self.base_names()})
+
+
+def require_gpt(model: Any, what: str = "model") -> GPT:
+    """``model`` itself if it is a GPT; a TypeError naming ``what`` otherwise."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"{what} must be a minilora GPT, got {type(model).__name__}")
+    return model
 
 
 def weights_fingerprint(weights: Mapping[str, Any]) -> str:

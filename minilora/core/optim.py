@@ -7,20 +7,29 @@ A and B and nothing for W. That is the other half of LoRA's memory saving.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import numpy as np
 
-from minilora.basics.backend import to_host
+from minilora.basics.backend import finite_as, to_host
 from minilora.basics.checks import in_range, non_negative_int
+from minilora.core.model import GPT, require_gpt
 
 
 class Optimizer:
-    """Shared plumbing: the model, the learning rate, and state that can be saved."""
+    """Shared plumbing: the model, the learning rate, and state that can be saved.
 
-    def __init__(self, model: Any, lr: float, weight_decay: float) -> None:
-        self.model = model
+    ``slots`` names the arrays an optimizer keeps per parameter (AdamW: "m", "v"),
+    each shaped and typed like the parameter: that is the state ``state_dict`` saves.
+    """
+
+    slots: tuple[str, ...] = ()
+    non_negative: tuple[str, ...] = ()  # slots that can never be negative
+
+    def __init__(self, model: GPT, lr: float, weight_decay: float) -> None:
+        self.model = require_gpt(model)
         self.lr = in_range("lr", lr, 0.0)
         self.weight_decay = in_range("weight_decay", weight_decay, 0.0)
         self.t = 0  # steps taken
@@ -28,12 +37,12 @@ class Optimizer:
         self._owners: dict[str, Any] = {}  # name -> the parameter array its state belongs to
         self._scratch: dict[str, Any] = {}  # name -> a work array for step(), not state
 
-    def _slots(self, name: str, p: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    def _slots(self, name: str, p: Any) -> dict[str, Any]:
         """The state of parameter ``name``: zeros the first time, and again whenever the
         name has come to mean another array (an adapter deleted and added again under
         the same name must not inherit the old one's moments)."""
         if self._owners.get(name) is not p:
-            self.state[name] = {key: self.model.xp.zeros_like(p) for key in keys}
+            self.state[name] = {key: self.model.xp.zeros_like(p) for key in self.slots}
             self._owners[name] = p
             self._scratch.pop(name, None)
         return self.state[name]
@@ -51,8 +60,17 @@ class Optimizer:
         """Decay matrices only (embeddings, weights, LoRA A and B), never biases or norms."""
         return self.weight_decay > 0 and self.model.params[name].ndim >= 2
 
+    def _drop_stale(self) -> None:
+        """Forget the state of parameters the model no longer has: a deleted adapter's,
+        or one whose name now means another array (added again, perhaps at another rank).
+        Such state could never be used again: :meth:`_slots` would start it afresh."""
+        for name in [n for n, p in self._owners.items() if self.model.params.get(n) is not p]:
+            del self.state[name], self._owners[name]
+            self._scratch.pop(name, None)
+
     def state_dict(self) -> dict[str, Any]:
-        """Host arrays and numbers: {"t": steps, "lr": ..., "state.NAME.KEY": array}."""
+        """Host arrays and numbers: {"t": steps, "lr": ..., "state.NAME.SLOT": array}."""
+        self._drop_stale()
         out: dict[str, Any] = {"t": self.t, "lr": self.lr}
         for name, slots in self.state.items():
             for key, value in slots.items():
@@ -60,46 +78,86 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (checked before anything changes)."""
-        if not isinstance(state, dict) or "t" not in state or "lr" not in state:
+        """Restore what :meth:`state_dict` returned. Everything is checked before anything
+        changes: the keys, each parameter's slots (exactly ``slots``), and each array's
+        shape (the parameter's), dtype (floating), values (finite in the model's dtype;
+        AdamW's second moment v >= 0). The first problem raises one error."""
+        if not isinstance(state, dict):
+            raise TypeError(f"optimizer state must be a dict, got {type(state).__name__}")
+        if "t" not in state or "lr" not in state:
             raise ValueError("optimizer state must be a dict with 't', 'lr' and 'state.*' entries")
-        slots: dict[str, dict[str, Any]] = {}
+        t, lr = non_negative_int("optimizer t", state["t"]), in_range("lr", state["lr"], 0.0)
+        kind = type(self).__name__
+        host: dict[str, dict[str, np.ndarray]] = {}
         for key, value in state.items():
-            if not key.startswith("state."):
+            if key in ("t", "lr"):
                 continue
+            if not isinstance(key, str) or not key.startswith("state.") or key.count(".") < 2:
+                raise ValueError(
+                    f"optimizer state key {key!r} is not known; allowed: 't', 'lr', "
+                    "'state.NAME.SLOT'"
+                )
             name, slot = key[len("state.") :].rsplit(".", 1)
             if name not in self.model.params:
                 raise ValueError(f"optimizer state for {name!r}, which the model does not have")
-            if np.shape(value) != self.model.params[name].shape:
+            if slot not in self.slots:
                 raise ValueError(
-                    f"optimizer state {key}: shape {np.shape(value)} does not match "
-                    f"{self.model.params[name].shape}"
+                    f"optimizer state {key}: {kind} keeps no slot {slot!r}; "
+                    f"its slots: {list(self.slots) or 'none'}"
                 )
-            slots.setdefault(name, {})[slot] = self.model.backend.asarray(
-                value, dtype=self.model.dtype
-            )
-        t, lr = non_negative_int("optimizer t", state["t"]), in_range("lr", state["lr"], 0.0)
-        self.t, self.lr, self.state = t, lr, slots
-        self._owners = {name: self.model.params[name] for name in slots}
+            value = np.asarray(to_host(value))
+            shape = self.model.params[name].shape
+            if np.shape(value) != shape:
+                raise ValueError(
+                    f"optimizer state {key}: shape {np.shape(value)} does not match {shape}"
+                )
+            if not np.issubdtype(value.dtype, np.floating):
+                raise ValueError(
+                    f"optimizer state {key}: dtype {value.dtype} is not a floating-point type"
+                )
+            if not finite_as(value, self.model.dtype):  # 1e300 is finite in float64 only
+                raise ValueError(
+                    f"optimizer state {key} contains NaN or inf (as {self.model.dtype.name})"
+                )
+            if slot in self.non_negative and (value < 0).any():
+                raise ValueError(f"optimizer state {key} is negative somewhere; it must be >= 0")
+            host.setdefault(name, {})[slot] = value
+        for name, slots in host.items():
+            if set(slots) != set(self.slots):
+                raise ValueError(
+                    f"optimizer state for {name!r} has slots {sorted(slots)}; "
+                    f"{kind} keeps {list(self.slots)}"
+                )
+        # Everything checked: from here on the optimizer changes.
+        to_device = self.model.backend.asarray
+        self.state = {
+            name: {slot: to_device(v, dtype=self.model.dtype) for slot, v in slots.items()}
+            for name, slots in host.items()
+        }
+        self.t, self.lr = t, lr
+        self._owners = {name: self.model.params[name] for name in host}
+        self._scratch = {}  # shaped like the old parameters, which may have other shapes
 
 
 class SGD(Optimizer):
     """p <- p - lr (g + momentum buffer) with optional momentum and decoupled decay."""
 
     def __init__(
-        self, model: Any, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
+        self, model: GPT, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
         super().__init__(model, lr, weight_decay)
         self.momentum = in_range("momentum", momentum, 0.0, 1.0)
+        self.slots = ("m",) if self.momentum else ()  # the momentum buffer, if any
 
     def step(self) -> None:
+        self._drop_stale()
         self.t += 1
         for name, g in self.model.grads.items():
             p = self.model.params[name]
             if self._decays(name):
                 p -= self.lr * self.weight_decay * p
             if self.momentum:
-                slots = self._slots(name, p, ("m",))
+                slots = self._slots(name, p)
                 slots["m"] *= self.momentum
                 slots["m"] += g
                 g = slots["m"]
@@ -112,11 +170,17 @@ class AdamW(Optimizer):
     m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
     p <- p - lr wd p                (decay, decoupled from the gradient)
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    The defaults (``ADAMW_DEFAULTS``) are torch.optim.AdamW's, except weight_decay:
+    0 here, 0.01 in torch.
     """
+
+    slots = ("m", "v")  # the first and second moments
+    non_negative = ("v",)  # a mean of squares: sqrt(v) needs v >= 0
 
     def __init__(
         self,
-        model: Any,
+        model: GPT,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -130,13 +194,14 @@ class AdamW(Optimizer):
         self.eps = in_range("eps", eps, 0.0)
 
     def step(self) -> None:
+        self._drop_stale()
         self.t += 1
         xp = self.model.xp
         correction1 = 1.0 - self.b1**self.t
         correction2 = 1.0 - self.b2**self.t
         for name, g in self.model.grads.items():
             p = self.model.params[name]
-            slots = self._slots(name, p, ("m", "v"))
+            slots = self._slots(name, p)
             m, v = slots["m"], slots["v"]
             buf = self._scratch_for(name, p)  # instead of a temporary per operation
             m *= self.b1
@@ -153,3 +218,12 @@ class AdamW(Optimizer):
             xp.divide(m, buf, out=buf)
             buf *= self.lr / correction1
             p -= buf
+
+
+ADAMW_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(AdamW).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+"""{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}: read off
+AdamW's signature, so the benchmark and the PyTorch reference use the same numbers."""

@@ -25,6 +25,7 @@ from typing import Any
 from minilora.basics.checks import distinct_indices, distinct_names, one_of, positive_int
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPTConfig, parameter_shapes
+from minilora.core.optim import AdamW
 
 # docs/DESIGN.md, "Reference configurations", and the two models of the LoRA paper's story.
 PRESETS: dict[str, dict[str, int]] = {
@@ -44,7 +45,6 @@ PRESETS: dict[str, dict[str, int]] = {
 _DEFAULT_BYTES_PER_PARAM = {"gpt2": 2, "gpt3-175b": 2}
 _CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "batch_size")
 OPTIMIZERS = ("adamw", "sgd")
-_ADAM_STATE_BYTES = 2 * 4  # first and second moments, each kept in float32
 
 
 def preset(name: str) -> dict[str, int]:
@@ -52,6 +52,13 @@ def preset(name: str) -> dict[str, int]:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is not known; allowed: {', '.join(PRESETS)}")
     return dict(PRESETS[name])
+
+
+def preset_config(name: str) -> GPTConfig:
+    """The GPTConfig of a named preset (its batch_size is a training setting, left out)."""
+    sizes = preset(name)
+    del sizes["batch_size"]
+    return GPTConfig(**sizes)
 
 
 # --------------------------------------------------------------------------- validation
@@ -160,8 +167,8 @@ def memory_estimate(
 
     - weights: every parameter (base + adapters) at ``bytes_per_param``
     - gradients: trainable parameters only, at ``bytes_per_param``
-    - optimizer: AdamW keeps 2 float32 moments per trainable parameter (8 bytes); plain
-      SGD keeps none
+    - optimizer: AdamW keeps 2 moments per trainable parameter, in the parameters'
+      dtype (2 ``bytes_per_param``: 8 bytes in float32); plain SGD keeps none
     - activations: :func:`activation_bytes` (a rough estimate)
     - total: the sum of the four above
     - checkpoint: what you must store per fine-tuned task: all parameters for full
@@ -186,7 +193,8 @@ def memory_estimate(
         "trainable": trainable,
         "weights": stored * bytes_per_param,
         "gradients": trainable * bytes_per_param,
-        "optimizer": trainable * _ADAM_STATE_BYTES if optimizer == "adamw" else 0,
+        # AdamW's moments are arrays like the parameters (optim.AdamW.slots: m and v)
+        "optimizer": trainable * len(AdamW.slots) * bytes_per_param if optimizer == "adamw" else 0,
         "activations": activation_bytes(c, bytes_per_param),
     }
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
+from minilora.basics.checks import boolean
 from minilora.basics.version import __version__
 from minilora.core.adapters import (
     adapter_modules,
@@ -32,7 +33,13 @@ from minilora.core.adapters import (
     require_unmerged,
 )
 from minilora.core.lora import LoraConfig, lora_names
-from minilora.core.model import GPT, GPTConfig, parameter_shapes, weights_fingerprint
+from minilora.core.model import (
+    GPT,
+    GPTConfig,
+    parameter_shapes,
+    require_gpt,
+    weights_fingerprint,
+)
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 
@@ -87,6 +94,7 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
 
     Returns {"config": path, "weights": path, "bytes": size of both files}.
     """
+    require_gpt(model)
     if name not in model.adapters:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
     adapter = model.adapters[name]
@@ -128,6 +136,8 @@ def load_adapter(
     valid LoraConfig for this architecture; the base weights have the fingerprint the
     adapter was trained on; every tensor is present, has the right shape, is finite.
     """
+    require_gpt(model)
+    boolean("activate", activate)
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"adapter directory {str(directory)!r} does not exist")
@@ -182,8 +192,10 @@ def load_adapter(
                 "not give the weights the adapter was saved with (edited config, or another base)"
             )
     # Everything checked: from here on the model changes.
-    pissa_init = apply_pissa_split(model, split)
-    install_adapter(model, name, config, factors, fingerprint, pissa_init, activate=activate)
+    pissa_init, pissa_base = apply_pissa_split(model, split)
+    install_adapter(
+        model, name, config, factors, fingerprint, pissa_init, activate, pissa_base=pissa_base
+    )
     return name
 
 
@@ -197,6 +209,7 @@ def save_model(
     fine-tuned model is exported as a plain GPT. ``extra`` is stored in config.json
     (e.g. the tokenizer and the command that made the model).
     """
+    require_gpt(model)
     directory = Path(directory)
     weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}

@@ -51,7 +51,7 @@ from minilora.core import model as model_module
 from minilora.core.adapters import add_adapter, merge
 from minilora.core.lora import LoraConfig
 from minilora.core.model import GPT, GPTConfig, parameter_shapes
-from minilora.core.optim import AdamW
+from minilora.core.optim import ADAMW_DEFAULTS, AdamW
 from minilora.core.params import lora_parameter_count, memory_estimate, preset
 from minilora.lab.torch_reference import (
     lora_branches,
@@ -117,7 +117,7 @@ def make_batch(cfg: GPTConfig, batch_size: int, seed: int = 0) -> tuple[np.ndarr
 
 def training_step(model: GPT, opt: AdamW, idx: Any, targets: Any) -> float:
     """One step as the benchmark counts it: forward + loss, backward, AdamW, zero_grad."""
-    loss = model.loss(idx, targets, train=True)
+    loss = model.loss(idx, targets)
     model.backward()
     opt.step()
     opt.zero_grad()
@@ -358,7 +358,7 @@ def measure_memory(model: GPT, opt: AdamW, idx: Any, targets: Any) -> dict[str, 
     weights = _nbytes(model.params.values())
     optimizer = _nbytes(a for slots in opt.state.values() for a in slots.values())
     with peak_memory(model.backend) as new:
-        model.loss(idx, targets, train=True)
+        model.loss(idx, targets)
         model.backward()
         grads = dict(model.grads)
         opt.step()
@@ -500,7 +500,7 @@ def op_table(model: GPT, opt: AdamW, idx: Any, targets: Any, passes: int = 2) ->
         for _ in range(passes):
             sync()
             start = time.perf_counter()
-            model.loss(idx, targets, train=True)
+            model.loss(idx, targets)
             model.backward()
             opt_seconds += _seconds(opt.step, sync)
             opt.zero_grad()
@@ -766,7 +766,7 @@ def run_benchmark(
     settings = {
         "dtype": DTYPE,
         "lora": lora_config().to_dict(),
-        "optimizer": "AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)",
+        "optimizer": f"AdamW({', '.join(f'{k}={v}' for k, v in ADAMW_DEFAULTS.items())})",
         "steps": steps,
         "warmup": warmup,
         "seed": seed,

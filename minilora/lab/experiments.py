@@ -29,18 +29,17 @@ import numpy as np
 from minilora.basics.backend import to_host
 from minilora.core import params
 from minilora.core.adapters import add_adapter
-from minilora.core.lora import LoraConfig, delta_weight, lora_names
+from minilora.core.lora import LoraConfig, delta_weight, gaussian_std, lora_names
 from minilora.core.optim import AdamW
 from minilora.files.checkpoints import load_base
 from minilora.lab.bench import build_model, make_batch, measure_memory, reference_config
 from minilora.lab.sweep import run_sweep
 from minilora.training.data import FixedPoolTask, get_task
 from minilora.training.planted import PlantedRankTask
-from minilora.training.train import TrainConfig, Trainer, evaluate
+from minilora.training.train import LORA_LR, TrainConfig, Trainer, evaluate
 
 Record = dict[str, Any]
 
-LORA_LR = 3e-3  # the demo's rate: AdamW on A and B
 FULL_LR = 3e-4  # full fine-tuning moves every weight: a tenth of LoRA's rate is stable here
 PLANTED_RANK = 4
 PLANTED_BLOCK = 32  # planted windows: half the base's context, to keep the runs short
@@ -155,7 +154,7 @@ def _adapt(model: Any, lcfg: LoraConfig, random_B: bool, seed: int) -> None:
         rng = np.random.default_rng([seed, 1])
         for name in model.trainable_names():
             if ".lora_B." in name:
-                value = rng.normal(0.0, 1.0 / lcfg.r, model.params[name].shape)
+                value = rng.normal(0.0, gaussian_std(lcfg.r), model.params[name].shape)
                 model.params[name][...] = model.xp.asarray(value, dtype=model.dtype)
 
 

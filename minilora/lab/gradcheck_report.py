@@ -18,7 +18,8 @@ from minilora.core import layers as L
 from minilora.core.adapters import add_adapter
 from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
 from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
-from minilora.core.model import GPT, GPTConfig
+from minilora.core.model import GPT
+from minilora.core.params import preset_config
 
 Array = Any
 
@@ -115,9 +116,9 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
         r.name = "embedding.weight"
         results.append(r)
 
-    config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
-    idx = rng.integers(0, 65, size=(4, 16))
-    y = rng.integers(0, 65, size=(4, 16))
+    config = preset_config("tiny")
+    idx = rng.integers(0, config.vocab_size, size=(4, config.block_size))
+    y = rng.integers(0, config.vocab_size, size=(4, config.block_size))
     for label, lora in (("gpt", False), ("gpt+lora", True)):
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
@@ -129,7 +130,7 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
 
         def loss(model: GPT = model) -> float:
             model.reseed(seed)  # the same dropout masks every time
-            return model.loss(idx, y, train=True)
+            return model.loss(idx, y)  # in training mode: dropout on
 
         loss()
         model.backward()

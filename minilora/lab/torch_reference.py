@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import to_host
+from minilora.core.optim import ADAMW_DEFAULTS
 
 Tensor = Any  # a torch.Tensor (torch is imported lazily)
 
@@ -128,7 +129,7 @@ def torch_training_step(
     state: Mapping[str, Any],
     cfg: Any,
     lora_scale: float | None = None,
-    lr: float = 1e-3,
+    lr: float = ADAMW_DEFAULTS["lr"],
     device: str = "cpu",
 ) -> tuple[Callable[[Any, Any], float], dict[str, Tensor]]:
     """A PyTorch eager training step on a copy of ``state``: forward, loss, backward, AdamW.
@@ -144,9 +145,7 @@ def torch_training_step(
     trainable = [n for n in state if lora_scale is None or ".lora_" in n]
     sd = to_torch_state(state, requires_grad=trainable, device=device)
     lora = None if lora_scale is None else lora_branches(sd, lora_scale)
-    opt = torch.optim.AdamW(
-        [sd[n] for n in trainable], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-    )
+    opt = torch.optim.AdamW([sd[n] for n in trainable], **{**ADAMW_DEFAULTS, "lr": lr})
 
     def step(idx: Any, targets: Any) -> float:
         ids = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=device)

@@ -70,6 +70,7 @@ class PlantedRankTask:
                 self.delta[module_path(i, t)] = strength * np.linalg.norm(W, 2) * (U @ V.T)
                 state[name] = W + self.delta[module_path(i, t)]
         self.teacher.load_state_dict(state)
+        self.teacher.eval()  # a fixed labeller: never dropout, whatever the base's config
 
     def _label(self, windows: Batch) -> Batch:
         """Replace the corpus' next characters with the teacher's greedy choices."""

@@ -48,6 +48,9 @@ DIVERGED_FACTOR = 4.0
 beyond what noise does (fine-tuning losses fall from their first value), and early
 enough to stop before anything is saved."""
 DIVERGED_MARGIN = 10.0
+LORA_LR = 3e-3
+"""The peak learning rate of AdamW on A and B in ``finetune``, the demo and the lab's
+experiments: LoRA's few parameters take a larger rate than full fine-tuning."""
 RESULT_FIELDS = ("steps", "batch_size", "block_size", "lr", "min_lr_ratio", "warmup")
 RESULT_FIELDS += ("weight_decay", "grad_clip", "seed")
 """TrainConfig fields that change a run's result; eval and checkpoint intervals do not."""
@@ -125,16 +128,22 @@ def evaluate(model: GPT, batch: Batch, chunk: int = 128) -> dict[str, float]:
 
     Returns {"loss", "char_acc", "exact"}: exact is the fraction of rows whose every
     counted token is the argmax, i.e. rows that greedy decoding gets entirely right.
+    Runs in eval mode (no dropout) and gives the model back in the mode it had.
     """
     total_loss, total_count, predictions = 0.0, 0, []
-    for start in range(0, len(batch.idx), chunk):
-        idx, targets = batch.idx[start : start + chunk], batch.targets[start : start + chunk]
-        logits = model.forward(idx, train=False)
-        count = int((targets != IGNORE_INDEX).sum())
-        loss, _ = cross_entropy_forward(logits, model.xp.asarray(targets))
-        total_loss += loss * count
-        total_count += count
-        predictions.append(to_host(logits.argmax(axis=-1)))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(batch.idx), chunk):
+            idx, targets = batch.idx[start : start + chunk], batch.targets[start : start + chunk]
+            logits = model.forward(idx)
+            count = int((targets != IGNORE_INDEX).sum())
+            loss, _ = cross_entropy_forward(logits, model.xp.asarray(targets))
+            total_loss += loss * count
+            total_count += count
+            predictions.append(to_host(logits.argmax(axis=-1)))
+    finally:
+        model.train(was_training)
     char_acc, exact = answer_accuracy(np.concatenate(predictions), batch)
     return {"loss": total_loss / total_count, "char_acc": char_acc, "exact": exact}
 
@@ -294,9 +303,10 @@ class Trainer:
         seed = step_seed(self.cfg.seed, step)
         batch = self.task.batch(seed, self.cfg.batch_size, self.cfg.block_size)
         self.model.reseed(seed)
+        self.model.train()  # dropout on (validation switches to eval mode and back)
         try:
             with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
-                loss = self.model.loss(batch.idx, batch.targets, train=True)
+                loss = self.model.loss(batch.idx, batch.targets)
                 if self.first_loss is None and math.isfinite(loss):
                     self.first_loss = loss
                 limit = DIVERGED_FACTOR * (self.first_loss or 0.0) + DIVERGED_MARGIN
@@ -386,7 +396,8 @@ class Trainer:
         batch = self.task.batch(seed, self.cfg.batch_size, self.cfg.block_size)
 
         def forward_backward() -> None:
-            self.model.loss(batch.idx, batch.targets, train=True)
+            self.model.train()
+            self.model.loss(batch.idx, batch.targets)
             self.model.backward()
             self.model.grads = {}
 
