@@ -107,7 +107,7 @@ PLANTED = {
     ],
     "training_memory": [
         (lambda c, r, t, b: W._memory(c, r, t, b, grads_all=True), "trainable parameters only"),
-        (lambda c, r, t, b: W._memory(c, r, t, b, adam=2 * b), "8 bytes per trainable"),
+        (lambda c, r, t, b: W._memory(c, r, t, b, adam=8), "not a fixed 8 bytes"),
         (lambda c, r, t, b: W._memory(c, r, t, b, adapters=False), "the adapters are stored too"),
         (lambda c, r, t, b: W._memory(c, r, t, b, acts=False), "activations are missing"),
     ],

@@ -98,7 +98,7 @@ def training_memory(
     return params.memory_estimate(config, r, targets, bytes_per_param)["total"]
 
 
-def _memory(config, r, targets, bpp, grads_all=False, adam=8, adapters=True, acts=True) -> int:
+def _memory(config, r, targets, bpp, grads_all=False, adam=None, adapters=True, acts=True) -> int:
     """The formula with one term changed: the mistakes of the exercise."""
     c = config
     base = params.count_architecture(
@@ -109,6 +109,7 @@ def _memory(config, r, targets, bpp, grads_all=False, adam=8, adapters=True, act
     stored = base + (lora if adapters else 0)
     gradients = (stored if grads_all else trainable) * bpp
     activations = params.activation_bytes(c, bpp) if acts else 0
+    adam = 2 * bpp if adam is None else adam  # bytes of AdamW state per trainable parameter
     return stored * bpp + gradients + adam * trainable + activations
 
 
@@ -140,7 +141,7 @@ Estimate the memory of one training step with AdamW, in bytes:
     total = weights + gradients + optimizer state + activations
     weights      = (base + LoRA parameters) * bytes_per_param   (every stored parameter)
     gradients    = trainable parameters * bytes_per_param
-    optimizer    = trainable parameters * 8                     (two float32 moments)
+    optimizer    = trainable parameters * 2 * bytes_per_param   (AdamW's moments m and v)
     activations  = params.activation_bytes(config, bytes_per_param)
 
 config is a dict like params.preset("small"); r is the LoRA rank, or None for full
@@ -157,9 +158,9 @@ params.lora_parameter_count(n_layer, d_model, r, targets).""",
                 lambda c, r, t, b: _memory(c, r, t, b, grads_all=True),
             ),
             Mistake(
-                "AdamW keeps two float32 moments: 8 bytes per trainable parameter, "
-                "whatever bytes_per_param is",
-                lambda c, r, t, b: _memory(c, r, t, b, adam=2 * b),
+                "AdamW's two moments are arrays like the parameters: "
+                "2 * bytes_per_param per trainable parameter, not a fixed 8 bytes",
+                lambda c, r, t, b: _memory(c, r, t, b, adam=8),
             ),
             Mistake(
                 "the adapters are stored too: weights = (base + LoRA) * bytes_per_param",
