@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import finite_as, require_memory, to_host
-from minilora.basics.blas import choose_threads, limited_threads
+from minilora.basics.blas import check_threads, choose_threads, limited_threads
 from minilora.basics.checks import non_negative_int, positive_int
 from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
 from minilora.core.model import GPT
@@ -79,6 +79,13 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0 turns it off)")
+
+
+def floating_point_errors() -> np.errstate:
+    """NumPy's overflow, invalid and divide-by-zero as FloatingPointError (underflow to
+    zero is harmless), around every forward the trainer runs: training steps, validation
+    and the thread timing. A warning would print source lines and let inf go on."""
+    return np.errstate(over="raise", invalid="raise", divide="raise", under="ignore")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -177,7 +184,7 @@ class Trainer:
         self.settings = {"train": {k: asdict(cfg)[k] for k in RESULT_FIELDS}, **(settings or {})}
         self.overwrite = overwrite
         if threads is not None and threads != "auto":
-            threads = positive_int("threads", threads)
+            threads = check_threads("threads", threads)
         self.threads_request = threads
         self.thread_choice: dict[str, Any] | None = None  # what "auto" measured
         if isinstance(threads, int):  # a fixed count is a setting like any other
@@ -294,7 +301,7 @@ class Trainer:
         batch = self.task.batch(seed, self.cfg.batch_size, self.cfg.block_size)
         self.model.reseed(seed)
         try:
-            with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+            with floating_point_errors():
                 loss = self.model.loss(batch.idx, batch.targets, train=True)
                 if self.first_loss is None and math.isfinite(loss):
                     self.first_loss = loss
@@ -385,12 +392,30 @@ class Trainer:
             self.model.backward()
             self.model.grads = {}
 
-        self.thread_choice = choose_threads(forward_backward)
+        try:
+            with floating_point_errors():
+                self.thread_choice = choose_threads(forward_backward)
+        except FloatingPointError as err:
+            raise self._overflowed(err) from None
         self.settings["blas_threads"] = self.thread_choice["threads"]
+
+    def _overflowed(self, err: FloatingPointError) -> TrainingDiverged:
+        """A forward outside a training step overflowed: before the first step the model
+        itself is the cause (its weights), after it the training."""
+        if self.step > 0:
+            return self._diverged(self.step, f"floating-point {err} in validation")
+        return TrainingDiverged(
+            f"the model's forward overflows before any training (floating-point {err}): "
+            f"its weights are too large for {self.model.dtype.name}"
+        )
 
     def validate(self) -> dict[str, float]:
         """Evaluate on the fixed validation batch and log it as val_* at this step."""
-        metrics = evaluate(self.model, self.eval_batch)
+        try:
+            with floating_point_errors():
+                metrics = evaluate(self.model, self.eval_batch)
+        except FloatingPointError as err:
+            raise self._overflowed(err) from None
         self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
