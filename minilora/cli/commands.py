@@ -30,8 +30,14 @@ from minilora.training.train import TrainConfig, Trainer
 
 FINETUNE_TASKS = ("shift", "rot", "planted")
 WARMUP = 20  # steps, or all of them in a shorter run
-LORA_DEFAULTS = {"rank": 8, "alpha": None, "dropout": 0.0, "targets": "q,v"}
-LORA_DEFAULTS.update(init="gaussian", rslora=False)
+LORA_DEFAULTS = {
+    "rank": 8,
+    "alpha": None,  # 2 r, worked out when the adapter is made
+    "dropout": 0.0,
+    "targets": "q,v",
+    "init": "gaussian",
+    "rslora": False,
+}
 """finetune's LoRA options (None on the command line: not given) and their defaults."""
 PRODUCT_FILES = {
     "adapter": (checkpoints.ADAPTER_CONFIG, checkpoints.ADAPTER_WEIGHTS),
