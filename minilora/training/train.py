@@ -82,9 +82,8 @@ class TrainConfig:
 
 
 def floating_point_errors() -> np.errstate:
-    """NumPy's overflow, invalid and divide-by-zero as FloatingPointError (underflow to
-    zero is harmless), around every forward the trainer runs: training steps, validation
-    and the thread timing. A warning would print source lines and let inf go on."""
+    """Overflow, invalid and divide-by-zero as FloatingPointError (underflow is harmless)
+    around every forward the trainer runs, so that inf never goes on with a warning."""
     return np.errstate(over="raise", invalid="raise", divide="raise", under="ignore")
 
 
@@ -392,30 +391,26 @@ class Trainer:
             self.model.backward()
             self.model.grads = {}
 
-        try:
-            with floating_point_errors():
-                self.thread_choice = choose_threads(forward_backward)
-        except FloatingPointError as err:
-            raise self._overflowed(err) from None
+        self.thread_choice = self._checked(lambda: choose_threads(forward_backward))
         self.settings["blas_threads"] = self.thread_choice["threads"]
 
-    def _overflowed(self, err: FloatingPointError) -> TrainingDiverged:
-        """A forward outside a training step overflowed: before the first step the model
-        itself is the cause (its weights), after it the training."""
-        if self.step > 0:
-            return self._diverged(self.step, f"floating-point {err} in validation")
-        return TrainingDiverged(
-            f"the model's forward overflows before any training (floating-point {err}): "
-            f"its weights are too large for {self.model.dtype.name}"
-        )
+    def _checked(self, forward: Any) -> Any:
+        """``forward()`` under a training step's floating-point rules: an overflow before
+        the first step is the model's (its weights), after it the training's."""
+        try:
+            with floating_point_errors():
+                return forward()
+        except FloatingPointError as err:
+            if self.step > 0:
+                raise self._diverged(self.step, f"floating-point {err}") from None
+            raise TrainingDiverged(
+                f"the model's forward overflows before any training (floating-point {err}): "
+                f"its weights are too large for {self.model.dtype.name}"
+            ) from None
 
     def validate(self) -> dict[str, float]:
         """Evaluate on the fixed validation batch and log it as val_* at this step."""
-        try:
-            with floating_point_errors():
-                metrics = evaluate(self.model, self.eval_batch)
-        except FloatingPointError as err:
-            raise self._overflowed(err) from None
+        metrics = self._checked(lambda: evaluate(self.model, self.eval_batch))
         self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
