@@ -222,6 +222,7 @@ class Case:
     timeout: float = TIMEOUT
     new_files_in_out: bool = False  # divergence: metrics and checkpoints in --out are fine
     needs_no_gpu: bool = False
+    stdout_empty: bool = False  # checked before anything is printed (the demo's sections)
 
 
 def _base_json(change: Callable) -> Callable[[Ctx], None]:
@@ -333,6 +334,143 @@ def _pretrained(ctx: Ctx) -> None:
 FINISHED_RUN = _after_run(lambda ctx: None)
 RESUME = [*FT, *RUN2, "--resume"]
 FRESH = [*FT, *RUN2]
+
+# ---- issue 20, the command line: contradictions, late checks, messages (cli branch)
+DEMO = ["demo", "--steps", "1", "--quiet", "--out", "{out}"]
+
+
+def _overflowing_base(ctx: Ctx) -> None:
+    """Finite weights whose forward overflows float32: ln_f.bias = 3e38."""
+    edit_tensors(ctx.base / "model.safetensors", lambda t: t["ln_f.bias"].__setitem__(..., 3e38))
+
+
+def _finetune_run_in_out(ctx: Ctx) -> None:
+    ctx.finished_run()
+    assert (ctx.out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _big_update(ctx: Ctx) -> None:
+    """s = alpha/r = 2.5e35 is finite in float32, but |ΔW| can reach s r max|A| max|B|,
+    far beyond 3.4e38 with one B entry of 1e5."""
+    _lora("alpha", 1e36)(ctx)
+    edit_tensors(
+        ctx.adapter / "adapter_model.safetensors",
+        lambda t: t["h.0.attn.q.lora_B"].__setitem__((0, 0), 1e5),
+    )
+
+
+def _demo(name: str, args: list[str], match: str, prepare=None) -> Case:
+    """A demo case: refused before section 1 is printed."""
+    return Case(f"demo_{name}", [*DEMO, *args], prepare, match=match, stdout_empty=True)
+
+
+CLI_CASES_ISSUE_20 = [
+    # data loss: the demo replaces another command's adapter
+    _demo("out_holds_a_finetune_run", [], "overwrite", _finetune_run_in_out),
+    # flags that were silently ignored: each contradiction is one clear error
+    *(
+        Case(f"finetune_full_with_{name}", [*FT, *FAST, "--full", *args], match=match)
+        for name, args, match in [
+            ("rank_default", ["--rank", "8"], "--full.*--rank"),
+            ("alpha", ["--alpha", "4"], "--full.*--alpha"),
+            ("dropout", ["--dropout", "0.1"], "--full.*--dropout"),
+            ("targets", ["--targets", "q,v"], "--full.*--targets"),
+            ("init", ["--init", "kaiming"], "--full.*--init"),
+            ("rslora", ["--rslora"], "--full.*--rslora"),
+        ]
+    ),
+    Case("finetune_resume_and_overwrite", [*RESUME, "--overwrite"], FINISHED_RUN, "overwrite"),
+    Case(
+        "pretrain_resume_and_overwrite",
+        [*PRE, *FAST, "--resume", "--overwrite"],
+        _pretrained,
+        match="--resume.*--overwrite",
+    ),
+    Case(
+        "finetune_planted_rank_without_planted",
+        [*FT, *FAST, "--planted-rank", "2"],
+        None,
+        "planted",
+    ),
+    Case(
+        "finetune_planted_rank_with_text",
+        [*FT, *FAST, "--text", "{corpus}", "--planted-rank", "2"],
+        match="planted",
+    ),
+    Case("finetune_task_empty", [*FT, *FAST, "--task", ""], match="task=''"),
+    Case(
+        "bench_quick_with_steps",
+        ["bench", "--quick", "--no-torch", "--steps", "1000000"],
+        match="--quick.*--steps",
+    ),
+    Case(
+        "bench_quick_with_warmup",
+        ["bench", "--quick", "--no-torch", "--warmup", "5"],
+        match="--quick.*--warmup",
+    ),
+    # sizes the machine or the run cannot honour
+    Case("finetune_threads_1000", [*FT, *FAST, "--threads", "1000"], match="--threads.*cores"),
+    Case("pretrain_threads_1000", [*PRE, *FAST, "--threads", "1000"], match="--threads.*cores"),
+    Case("finetune_warmup_longer_than_steps", [*FT, *FAST, "--warmup", "5"], match="--warmup 5"),
+    Case(
+        "finetune_rank_beyond_smallest_side",
+        [*FT, *FAST, "--rank", "33", "--targets", "fc,proj"],
+        match="r=33 exceeds 32",
+    ),
+    Case(
+        "finetune_rank_100000",
+        [*FT, *FAST, "--rank", "100000"],
+        match="r=100000 exceeds",
+        timeout=HUGE_TIMEOUT,
+    ),
+    # the demo checks every argument, and --out, before it starts
+    _demo("out_is_a_file", ["--out", "{tmp}/file.txt"], "file.txt", _write("file.txt", b"x\n")),
+    _demo("out_cannot_be_made", ["--out", "/proc/minilora-demo"], "minilora-demo"),
+    _demo("rank_0", ["--rank", "0"], "r=0"),
+    _demo("rank_beyond_smallest_side", ["--rank", "129"], "r=129 exceeds"),
+    _demo("alpha_nan", ["--alpha", "nan"], "alpha"),
+    _demo("threads_0", ["--threads", "0"], "--threads"),
+    _demo("seed_negative", ["--seed", "-1"], "--seed"),
+    _demo("steps_0_before_anything", ["--steps", "0"], "steps"),
+    # presets that could not be used: --block-size and --eval-size
+    Case("pretrain_block_size_0", [*PRE, *FAST, "--block-size", "0"], match="--block-size=0"),
+    Case(
+        "pretrain_block_size_too_short_for_the_corpus",
+        ["pretrain", "--preset", "tiny", "--out", "{out}", *FAST, "--block-size", "8"],
+        match="--block-size 8 is too short",
+    ),
+    Case("pretrain_eval_size_0", [*PRE, *FAST, "--eval-size", "0"], match="eval_size=0"),
+    # files: an adapter's scale that overflows, errors that name the file, overflow
+    Case("adapter_alpha_1e300", GEN_A, _lora("alpha", 1e300), match="adapter_config.json.*alpha"),
+    Case(
+        "adapter_alpha_overflows_delta_w",
+        GEN_A,
+        _big_update,
+        match=r"adapter_config.json.*\|ΔW\|",
+    ),
+    Case(
+        "adapter_config_error_names_the_file",
+        GEN_A,
+        _lora("dropout", 1.5),
+        match="adapter_config.json.*dropout",
+    ),
+    Case(
+        "adapter_layers_error_names_the_file",
+        GEN_A,
+        _lora("layers", [5]),
+        match="adapter_config.json.*layers",
+    ),
+    Case("finetune_base_forward_overflows", [*FT, *FAST], _overflowing_base, match="overflow"),
+    # messages that name the option, or say what is wrong
+    Case("generate_seed_negative", [*GEN, "--seed", "-1"], match="--seed"),
+    Case("gradcheck_seed_negative", ["gradcheck", "--seed", "-1"], match="--seed"),
+    Case(
+        "base_path_is_a_file_not_a_folder", [*GEN[:2], "{corpus}", *GEN[3:]], match="not a folder"
+    ),
+    Case(
+        "adapter_path_is_a_file_not_a_folder", [*GEN, "--adapter", "{corpus}"], match="not a folder"
+    ),
+]
 
 
 CASES = [
@@ -649,6 +787,7 @@ CASES = [
         match=r"step \d+",
         new_files_in_out=True,
     ),
+    *CLI_CASES_ISSUE_20,
 ]
 
 
@@ -673,6 +812,8 @@ def _problems(case: Case, argv, outcome: Outcome, before, after, out: Path, tmp:
         problems.append(f"stderr line {lines[0][:120]!r} lacks {_expected_prefix(argv)[0]!r}")
     elif case.match and not re.search(case.match, lines[0], re.IGNORECASE):
         problems.append(f"error line {lines[0][:160]!r} does not name /{case.match}/")
+    if case.stdout_empty and outcome.out.strip():
+        problems.append(f"printed before the error: {outcome.out.strip()[:80]!r}")
     if "Traceback" in outcome.out + outcome.err:
         problems.append("a Traceback")
     changed = sorted(k for k in before if after.get(k) != before[k])

@@ -178,8 +178,8 @@ def test_command_line_arguments():
     args = parser.parse_args(["--config", "small", "--config", "medium", "--json", "x.json"])
     assert args.config == ["small", "medium"] and args.json == "x.json"
     assert (args.steps, args.warmup, args.busy, args.no_torch, args.quick) == (
-        10,
-        2,
+        None,  # not given: run() uses 10 and 2 (2 and 1 with --quick)
+        None,
         False,
         False,
         False,

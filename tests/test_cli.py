@@ -133,3 +133,111 @@ def test_python_dash_m_entry_point():
     )
     assert result.returncode == 0
     assert json.loads(result.stdout)["preset"] == "tiny"
+
+
+# ---- issue 20, the command line (cli branch): help, version, derived sizes, the demo's folder
+def _options(parser):
+    """(command, option, action) of every option of every command."""
+    import argparse
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                yield name, action.option_strings[-1], action
+
+
+def test_version(capsys):
+    from minilora.basics.version import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minilora {__version__}"
+
+
+def test_every_option_that_takes_a_value_says_its_default():
+    """A flag is off unless given; every option that takes a value names its default."""
+    from minilora.cli.main import build_parser
+
+    missing = [
+        f"{command} {option}"
+        for command, option, action in _options(build_parser())
+        if action.nargs != 0 and "default" not in (action.help or "")
+    ]
+    assert not missing
+
+
+def test_demo_help_gives_the_readmes_duration():
+    """The README says the demo takes about 20 s (and its full test about 50 s on a
+    loaded 2-core machine); the help said "about a minute"."""
+    from minilora.cli.main import build_parser
+
+    help_text = build_parser().format_help()
+    demo_line = next(line for line in help_text.splitlines() if line.strip().startswith("demo"))
+    assert "about 20 s" in demo_line
+
+
+def _train_record(out):
+    (ckpt,) = sorted((out / "train").glob("ckpt-*"))
+    return json.loads((ckpt / "trainer.json").read_text())
+
+
+def test_pretrain_tiny_on_the_builtin_corpus_raises_its_block_size_and_says_so(capsys, tmp_path):
+    """The tiny preset's block size (16) is shorter than the corpus's longest example:
+    it is raised to what fits, and said; --eval-size sets the validation batch."""
+    argv = ["pretrain", "--preset", "tiny", "--out", str(tmp_path), "--eval-size", "8"]
+    code, out, err = run(capsys, *argv, "--steps", "1", "--batch-size", "2", "--quiet")
+    assert code == 0, err
+    assert "too short for the pretrain task's longest example" in out
+    record = _train_record(tmp_path)
+    assert record["train_config"]["eval_size"] == 8
+    assert record["settings"]["config"]["block_size"] > 16
+
+
+def test_finetune_warmup_default_is_shortened_to_a_short_run(capsys, tmp_path):
+    """The default warm-up (20) would keep a 3-step run near zero learning rate."""
+    argv = ["finetune", "--out", str(tmp_path), "--steps", "3", "--batch-size", "2"]
+    code, _, err = run(capsys, *argv, "--eval-every", "0", "--quiet", "--threads", "1")
+    assert code == 0, err
+    record = _train_record(tmp_path)
+    assert record["train_config"]["warmup"] == 3
+    assert record["settings"]["blas_threads"] == 1
+
+
+def test_demo_replaces_its_own_output_and_another_run_only_with_overwrite(capsys, tmp_path):
+    """The README's `minilora demo` twice works; over a finetune run it needs --overwrite,
+    which then removes that run's checkpoints and metrics and replaces its adapter."""
+    demo = ["demo", "--steps", "1", "--quiet", "--threads", "1"]
+    for _ in range(2):
+        code, _, err = run(capsys, *demo, "--out", str(tmp_path / "demo"))
+        assert code == 0, err
+    assert (tmp_path / "demo" / "demo.json").is_file()
+    ft = tmp_path / "ft"
+    argv = ["finetune", "--out", str(ft), "--steps", "1", "--batch-size", "2", "--quiet"]
+    code, _, err = run(capsys, *argv, "--eval-every", "0", "--threads", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, *demo, "--out", str(ft), "--overwrite")
+    assert code == 0, err
+    assert not any((ft / "train").iterdir())  # the run's entries removed, by name
+    assert (ft / "adapter" / "adapter_model.safetensors").exists() and (ft / "demo.json").exists()
+
+
+def test_a_model_that_overflows_is_one_error_not_warnings():
+    """The forwards outside a training step (the thread timing, validation) run under the
+    step's floating-point rules: an overflow is an error, never a RuntimeWarning."""
+    import warnings
+
+    import minilora as ml
+    from minilora.training.data import ShiftTask
+    from minilora.training.train import TrainConfig, Trainer, TrainingDiverged
+
+    model = ml.GPT(ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16))
+    model.params["ln_f.bias"][...] = 3e38
+    cfg = TrainConfig(steps=2, batch_size=2, block_size=24, eval_every=0, eval_size=4)
+    for threads in ("auto", None):
+        trainer = Trainer(model, ShiftTask(), cfg, progress=False, threads=threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TrainingDiverged, match="overflow"):
+                trainer.validate() if threads is None else trainer.run()

@@ -58,6 +58,7 @@ HOST_BOUNDARY = {
     "core/adapters.py::_truncate": "the SVD of the combined update, on the host in float64",
     "core/optim.py::Optimizer.load_state_dict": "checks the shapes of host state from a checkpoint",
     "training/train.py::evaluate": "joins host copies of the predictions for accuracy",
+    "files/checkpoints.py::_check_update_fits": "bounds ΔW from an adapter file's host arrays",
     "training/planted.py::PlantedRankTask.__init__": "the planted change is made on the host",
 }
 """Modules ("files/io.py") or functions ("core/model.py::GPT.generate") at the host boundary."""

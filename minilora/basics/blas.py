@@ -36,6 +36,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_threads(name: str, n: Any) -> int:
+    """A thread count this process can really use: 1 to :func:`usable_cores`.
+
+    More threads than cores are refused rather than capped in silence: the count is
+    printed and recorded with the run, and it must be the count that was used.
+    """
+    n = positive_int(name, n)
+    cores = usable_cores()
+    if n > cores:
+        raise ValueError(
+            f"{name}={n} is more than the {cores} cores this process may use; "
+            f"allowed: 1..{cores} (or auto)"
+        )
+    return n
+
+
 def blas_libraries() -> list[dict[str, Any]]:
     """The BLAS libraries loaded in this process: name, version, current threads."""
     return [

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from minilora.basics.blas import describe as describe_threads
-from minilora.basics.checks import one_of
-from minilora.cli.demo import run_demo
+from minilora.basics.checks import one_of, positive_int
+from minilora.cli.demo import check_demo, holds_only_demo_output, run_demo
 from minilora.core import params
 from minilora.core.adapters import add_adapter, merge, set_adapter
 from minilora.core.gradcheck import format_report
@@ -30,6 +30,16 @@ from minilora.training.runfolder import RunFolder
 from minilora.training.train import TrainConfig, Trainer
 
 FINETUNE_TASKS = ("shift", "rot", "planted")
+WARMUP = 20  # steps, or all of them in a shorter run
+LORA_DEFAULTS = {
+    "rank": 8,
+    "alpha": None,  # 2 r, worked out when the adapter is made
+    "dropout": 0.0,
+    "targets": "q,v",
+    "init": "gaussian",
+    "rslora": False,
+}
+"""finetune's LoRA options (None on the command line: not given) and their defaults."""
 PRODUCT_FILES = {
     "adapter": (checkpoints.ADAPTER_CONFIG, checkpoints.ADAPTER_WEIGHTS),
     "model": (checkpoints.MODEL_CONFIG, checkpoints.MODEL_WEIGHTS),
@@ -48,6 +58,7 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
         lr=args.lr,
         warmup=args.warmup,
         eval_every=args.eval_every,
+        eval_size=args.eval_size,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
@@ -139,6 +150,69 @@ def _text_settings(text: str | None) -> dict[str, str | None]:
     return {"text": _resolved(text), "text_sha256": sha256_file(text)}
 
 
+def _check_run_options(args: Namespace) -> None:
+    """What pretrain and finetune share: --resume and --overwrite exclude each other, and
+    the warm-up fits in the run (an unset --warmup is shortened to --steps)."""
+    if args.resume and args.overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it; give one of them"
+        )
+    if args.warmup is None:
+        args.warmup = min(WARMUP, args.steps)
+    elif args.warmup > args.steps > 0:
+        raise ValueError(
+            f"--warmup {args.warmup} is longer than --steps {args.steps}: the learning rate "
+            f"would never reach --lr; allowed: --warmup 0..{args.steps}"
+        )
+
+
+def _check_finetune(args: Namespace) -> None:
+    """Contradictions refused, then the defaults of the options left unset filled in."""
+    _check_run_options(args)
+    if args.text is not None and args.task is not None:
+        raise ValueError(
+            f"--task {args.task} and --text {args.text} both given: --text fine-tunes on the "
+            "file instead of a built-in task; give one of them"
+        )
+    task = "shift" if args.task is None else args.task
+    one_of("--task", task, FINETUNE_TASKS)  # a text file comes with --text
+    if args.planted_rank is not None and (task != "planted" or args.text is not None):
+        what = f"--text {args.text}" if args.text is not None else f"--task {task}"
+        raise ValueError(f"--planted-rank is for --task planted only; this run has {what}")
+    given = [f"--{name}" for name in LORA_DEFAULTS if getattr(args, name) is not None]
+    if args.full and given:
+        raise ValueError(
+            f"--full fine-tunes every weight without an adapter, so {', '.join(given)} "
+            "would be ignored; drop --full, or drop the LoRA options"
+        )
+    for name, default in LORA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.planted_rank is None:
+        args.planted_rank = 4
+
+
+def _pretrain_block_size(args: Namespace, preset_block: int, task: Any) -> int:
+    """--block-size, or the preset's; the built-in corpus's validation examples must fit
+    (a text file's windows fit any size), so a preset's shorter one is raised, and said."""
+    needed = getattr(task, "block_size", 1)
+    if args.block_size is not None:
+        block = positive_int("--block-size", args.block_size)
+        if block < needed:
+            raise ValueError(
+                f"--block-size {block} is too short for the {task.name} task: its longest "
+                f"example needs {needed}"
+            )
+        return block
+    if preset_block < needed:
+        print(
+            f"block size {needed}: the preset's {preset_block} is too short for the "
+            f"{task.name} task's longest example (set it with --block-size)"
+        )
+        return needed
+    return preset_block
+
+
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
     if text is not None:
         return TextFileTask(text, tokenizer=tokenizer)
@@ -147,12 +221,13 @@ def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
 
 # ------------------------------------------------------------------------- pretrain
 def pretrain(args: Namespace) -> int:
+    _check_run_options(args)
     task = _task("pretrain", args.text, None)
     tokenizer = task.tokenizer
     sizes = params.preset(args.preset)
     config = GPTConfig(
         vocab_size=tokenizer.vocab_size,
-        block_size=sizes["block_size"],
+        block_size=_pretrain_block_size(args, sizes["block_size"], task),
         n_layer=sizes["n_layer"],
         n_head=sizes["n_head"],
         d_model=sizes["d_model"],
@@ -190,12 +265,7 @@ def pretrain(args: Namespace) -> int:
 
 # ------------------------------------------------------------------------- finetune
 def finetune(args: Namespace) -> int:
-    if args.text is not None and args.task is not None:
-        raise ValueError(
-            f"--task {args.task} and --text {args.text} both given: --text fine-tunes on the "
-            "file instead of a built-in task; give one of them"
-        )
-    one_of("--task", args.task or "shift", FINETUNE_TASKS)  # a text file comes with --text
+    _check_finetune(args)
     out = Path(args.out)
     inputs = {"--base": args.base, "--text": args.text}
     _prepare_out(out, args.resume, args.overwrite, ("adapter", "model"), inputs)
@@ -318,7 +388,13 @@ def figures_command(args: Namespace) -> int:
 
 
 def demo(args: Namespace) -> int:
-    return run_demo(args)
+    """The same rule as every command: a folder holding another run is refused unless
+    --overwrite; the demo's own earlier output is replaced (files are swapped atomically)."""
+    plan = check_demo(args)  # every argument first: nothing printed or removed before
+    out = Path(args.out)
+    if not holds_only_demo_output(out):
+        _prepare_out(out, resume=False, overwrite=args.overwrite, products=("adapter", "model"))
+    return run_demo(args, plan)
 
 
 COMMANDS = {

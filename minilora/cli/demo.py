@@ -1,4 +1,4 @@
-"""``minilora demo``: the whole LoRA story in about a minute on a laptop CPU.
+"""``minilora demo``: the whole LoRA story in about 20 s on a laptop CPU.
 
 1. a pretrained base that knows copy / rev / upper, and fails a new rule;
 2. add LoRA: A Gaussian, B = 0, so the logits do not move (checked, not assumed);
@@ -6,27 +6,96 @@
 4. fine-tune only A and B;
 5. base vs LoRA vs merged (identical to unmerged), then unmerge;
 6. samples before and after, and the adapter file next to the base checkpoint.
+
+Every argument, and whether --out can take the adapter, is checked before section 1.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from minilora.basics.backend import to_host
 from minilora.basics.blas import describe as describe_threads
+from minilora.basics.version import __version__
 from minilora.core import params
-from minilora.core.adapters import add_adapter, disable_adapters, merge, set_adapter, unmerge
+from minilora.core.adapters import (
+    adapter_modules,
+    add_adapter,
+    check_rank,
+    disable_adapters,
+    merge,
+    set_adapter,
+    unmerge,
+)
 from minilora.core.lora import LoraConfig, delta_weight, gaussian_std
 from minilora.files import checkpoints
 from minilora.files.checkpoints import BUILTIN_BASE, load_base
+from minilora.files.io import save_json
 from minilora.training.data import get_task
 from minilora.training.train import LORA_LR, TrainConfig, Trainer, evaluate
 
 BATCH_SIZE = 64
+WARMUP = 10  # steps, or all of them in a shorter demo
+DEMO_RECORD = "demo.json"
+"""Written into --out with the adapter: it marks the folder as the demo's own output,
+which a later demo replaces without --overwrite (a folder holding another command's
+run is refused unless --overwrite is given)."""
+
+
+class DemoPlan(NamedTuple):
+    """What :func:`check_demo` checked: the base, its tokenizer, the task and configs."""
+
+    model: Any
+    tokenizer: Any
+    task: Any
+    lora: LoraConfig
+    train: TrainConfig
+
+
+def holds_only_demo_output(out: Path) -> bool:
+    """True when ``out`` holds the demo's own earlier output and no other command's run."""
+    return (out / DEMO_RECORD).is_file() and not any(
+        (out / folder).exists() for folder in ("train", "model")
+    )
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder that can take files: made now, and tried with a temporary
+    file, so that a bad --out fails before the demo instead of after its training."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # an OSError names what could not be made
+    with tempfile.TemporaryFile(dir=out):
+        pass
+
+
+def check_demo(args: Namespace) -> DemoPlan:
+    """Every argument, checked before anything is printed: the LoRA config (its rank
+    against the base's matrices too), the training config, and --out."""
+    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
+    lcfg = LoraConfig(r=args.rank, alpha=alpha, target_modules=("q", "k", "v", "o"))
+    model, tokenizer = load_base(None, args.device)
+    modules = adapter_modules(model, lcfg)
+    check_rank(lcfg.r, {m: model.params[f"{m}.weight"].shape for m in modules})
+    task = get_task(args.task, tokenizer=tokenizer)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=BATCH_SIZE,
+        block_size=task.block_size,  # fits the longest example, "shift abcdefgh>bcdefghi."
+        lr=LORA_LR,
+        warmup=min(WARMUP, args.steps),
+        eval_every=0,
+        eval_size=256,
+        seed=args.seed,
+    )
+    check_out_folder(Path(args.out))
+    return DemoPlan(model, tokenizer, task, lcfg, cfg)
 
 
 def _heading(text: str) -> None:
@@ -39,11 +108,11 @@ def _greedy(model, tokenizer, prompt: str, n: int = 10) -> str:
     return text.split("\n")[0]
 
 
-def run_demo(args: Namespace) -> int:
+def run_demo(args: Namespace, plan: DemoPlan | None = None) -> int:
+    """The demo; ``plan`` is :func:`check_demo`'s (checked here when not given)."""
     start = time.perf_counter()
-    model, tokenizer = load_base(None, args.device)
-    task = get_task(args.task, tokenizer=tokenizer)
-    block = task.block_size  # fits the longest example, "shift abcdefgh>bcdefghi."
+    model, tokenizer, task, lcfg, cfg = plan or check_demo(args)
+    block = cfg.block_size
     c = model.config
     _heading("1. The pretrained base")
     print(
@@ -61,8 +130,6 @@ def run_demo(args: Namespace) -> int:
     base_logits = to_host(model.eval().forward(val.idx[:8]))  # eval mode: no dropout
 
     _heading("2. Add a LoRA adapter")
-    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
-    lcfg = LoraConfig(r=args.rank, alpha=alpha, target_modules=("q", "k", "v", "o"))
     add_adapter(model, lcfg, seed=args.seed)
     A = to_host(model.params["h.0.attn.q.lora_A.default"])
     B = to_host(model.params["h.0.attn.q.lora_B.default"])
@@ -93,16 +160,6 @@ def run_demo(args: Namespace) -> int:
     )
 
     _heading(f"4. Fine-tune A and B on '{args.task}' ({args.steps} steps)")
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=BATCH_SIZE,
-        block_size=block,
-        lr=LORA_LR,
-        warmup=10,
-        eval_every=0,
-        eval_size=256,
-        seed=args.seed,
-    )
     trainer = Trainer(model, task, cfg, out_dir=None, progress=not args.quiet, threads=args.threads)
     t0 = time.perf_counter()
     trainer.run()
@@ -144,6 +201,7 @@ def run_demo(args: Namespace) -> int:
         prompt = f"{args.task} {w}>"
         print(f"  {prompt:16} base: {b!r:14} LoRA: {after!r}")
     out = Path(args.out)
+    save_json(out / DEMO_RECORD, {"made_by": "minilora demo", "minilora_version": __version__})
     info = checkpoints.save_adapter(model, out / "adapter")
     base_bytes = (BUILTIN_BASE / checkpoints.MODEL_WEIGHTS).stat().st_size
     print(

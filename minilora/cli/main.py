@@ -10,6 +10,9 @@ import argparse
 import sys
 
 from minilora.basics.backend import DeviceUnavailableError
+from minilora.basics.blas import check_threads
+from minilora.basics.checks import non_negative_int
+from minilora.basics.version import __version__
 from minilora.lab import bench_report
 from minilora.training.train import LORA_LR
 
@@ -38,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="cpu (NumPy) or gpu (CuPy); default $MINILORA_DEVICE or cpu",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default 0)")
 
 
 def _threads(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,8 @@ def _threads(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=threads,
         default="auto",
-        help="BLAS threads while training: auto (measure 1 vs all cores, default) or N",
+        help="BLAS threads while training: auto (measure 1 vs all cores, default) or N, "
+        "at most the cores this process may use",
     )
 
 
@@ -62,14 +66,21 @@ def _base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model folder (default: the built-in base)")
 
 
-def _rank(p: argparse.ArgumentParser, alpha: bool) -> None:
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+# finetune's LoRA options default to None ("not given") so that --full can refuse them
+# even when their value is the default one; commands.py fills in the defaults named here.
+def _rank(p: argparse.ArgumentParser, alpha: bool, given: bool = False) -> None:
+    default = None if given else 8
+    p.add_argument("--rank", type=int, default=default, help="LoRA rank r (default 8)")
     if alpha:
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 r)")
 
 
-def _targets(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--targets", default="q,v", help="comma list of q,k,v,o,fc,proj (default q,v)")
+def _targets(p: argparse.ArgumentParser, given: bool = False) -> None:
+    p.add_argument(
+        "--targets",
+        default=None if given else "q,v",
+        help="comma list of q,k,v,o,fc,proj (default q,v)",
+    )
 
 
 def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
@@ -78,7 +89,18 @@ def _training(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> 
         "--batch-size", type=int, default=batch, help=f"sequences per step (default {batch})"
     )
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,  # None: 20, or --steps when that is shorter; a longer one is refused
+        help="warm-up steps, at most --steps (default 20, or --steps if fewer)",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=256,
+        help="examples (or text windows) in the validation batch (default 256)",
+    )
     p.add_argument(
         "--eval-every",
         type=int,
@@ -105,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA taught by building it: a hand-written GPT and LoRA on NumPy/CuPy.",
         formatter_class=_formatter,
     )
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "demo",
-        help="the whole LoRA story in about a minute",
+        help="the whole LoRA story in about 20 s on a laptop CPU",
         formatter_class=_formatter,
         epilog="examples:\n  minilora demo\n  minilora demo --task rot --rank 2 --quiet",
     )
@@ -118,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     _rank(p, alpha=True)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     p.add_argument("--out", default="runs/demo", help="where the adapter goes (default runs/demo)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another command's run in OUT (default: refuse; the demo's own "
+        "earlier output is always replaced)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _threads(p)
 
@@ -130,8 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  minilora pretrain --text my.txt --preset tiny --steps 500",
     )
     _common(p)
-    p.add_argument("--preset", default="small", help="model size: tiny small medium large")
-    p.add_argument("--text", default=None, help="a UTF-8 text file instead of the built-in corpus")
+    p.add_argument(
+        "--preset", default="small", help="model size: tiny small medium large (default small)"
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="context length T (default: the preset's, raised to the built-in corpus's "
+        "longest example if that is longer)",
+    )
+    p.add_argument(
+        "--text",
+        default=None,
+        help="a UTF-8 text file instead of the built-in corpus (default: the corpus)",
+    )
     p.add_argument("--out", default="runs/base", help="output folder (default runs/base)")
     _training(p, steps=3000, batch=32, lr=3e-3)  # the built-in base's settings
 
@@ -149,18 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task", default=None, help="shift, rot or planted (default shift); not with --text"
     )
-    p.add_argument("--text", default=None, help="fine-tune on a UTF-8 text file instead")
     p.add_argument(
-        "--planted-rank", type=int, default=4, help="rank of the planted change (task planted)"
+        "--text", default=None, help="fine-tune on a UTF-8 text file instead (default: none)"
+    )
+    p.add_argument(
+        "--planted-rank",
+        type=int,
+        default=None,
+        help="rank of the planted change, with --task planted only (default 4)",
     )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    _rank(p, alpha=True)
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    _targets(p)
+    _rank(p, alpha=True, given=True)
+    p.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default 0)")
+    _targets(p, given=True)
+    p.add_argument("--init", default=None, help="gaussian, kaiming or pissa (default gaussian)")
     p.add_argument(
-        "--init", default="gaussian", help="gaussian, kaiming or pissa (default gaussian)"
+        "--rslora",
+        action="store_const",
+        const=True,
+        default=None,
+        help="scale by alpha/sqrt(r) (default: alpha/r)",
     )
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r)")
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 
@@ -175,9 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _base(p)
-    p.add_argument("--adapter", action="append", default=[], help="adapter folder (repeatable)")
+    p.add_argument(
+        "--adapter", action="append", default=[], help="adapter folder, repeatable (default: none)"
+    )
     p.add_argument("--merge", action="store_true", help="merge the adapters into W first")
-    p.add_argument("--prompt", default="copy hello>", help="text to continue")
+    p.add_argument(
+        "--prompt", default="copy hello>", help="text to continue (default 'copy hello>')"
+    )
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add (default 40)")
     p.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)"
@@ -234,7 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--quick", action="store_true", help="fewer steps, ranks and seeds")
-    p.add_argument("--only", action="append", default=None, metavar="NAME", help="one figure")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="one figure, repeatable (default: all)",
+    )
     p.add_argument("--out", default="figures", help="output folder (default figures)")
     p.add_argument(
         "--reuse", action="store_true", help="reuse OUT's saved records where settings match"
@@ -257,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """The options every command shares, named as the user typed them."""
+    non_negative_int("--seed", args.seed)
+    if isinstance(getattr(args, "threads", None), int):  # a count, not "auto"
+        check_threads("--threads", args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from minilora.cli import commands
 
     try:
+        _check_common(args)
         return commands.COMMANDS[args.command](args)
     except (ValueError, TypeError, DeviceUnavailableError) as err:
         print(f"minilora {args.command}: error: {err}", file=sys.stderr)

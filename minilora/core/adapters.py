@@ -69,6 +69,25 @@ def adapter_modules(model: GPT, config: LoraConfig) -> tuple[str, ...]:
     return tuple(module_path(i, t) for i in layers for t in config.target_modules)
 
 
+def check_rank(r: int, shapes: Mapping[str, Sequence[int]]) -> int:
+    """The rank rule: r <= the smallest side of every adapted matrix.
+
+    ``shapes`` maps each adapted matrix to its (d_out, d_in). B A of a (d_out, d_in)
+    matrix has rank at most min(d_out, d_in), so a larger r only adds parameters (and
+    can train more of them than full fine-tuning would). params.py applies the same rule.
+    """
+    r = positive_int("r", r)
+    name, shape = min(shapes.items(), key=lambda item: min(item[1]))
+    smallest = min(shape)
+    if r > smallest:
+        raise ValueError(
+            f"r={r} exceeds {smallest}, the smallest side of the adapted matrices "
+            f"({name} is {' x '.join(map(str, shape))}): a rank-r update of such a matrix "
+            f"has rank at most {smallest}; allowed: 1..{smallest}"
+        )
+    return r
+
+
 # --------------------------------------------------------------------- building
 def pissa_split(
     model: GPT, modules: Sequence[str], config: LoraConfig
@@ -136,6 +155,7 @@ def add_adapter(
         raise ValueError(f"adapter {name!r} exists already; adapters: {list(model.adapters)}")
     require_unmerged(model, "add an adapter")
     modules = adapter_modules(model, config)
+    check_rank(config.r, {m: model.params[f"{m}.weight"].shape for m in modules})
     sizes = [sum(model.params[f"{m}.weight"].shape) for m in modules]  # d_out + d_in
     n_new = config.r * sum(sizes)  # drawn in float64 on the host, then copied
     require_memory(
@@ -144,14 +164,6 @@ def add_adapter(
     fingerprint = model.base_fingerprint()  # before PiSSA rewrites W
     seed = model.seed if seed is None else non_negative_int("seed", seed)
     rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
-    for module in modules:
-        d_out, d_in = model.params[f"{module}.weight"].shape
-        if config.r > min(d_out, d_in):
-            warnings.warn(
-                f"LoRA r={config.r} exceeds min(d_out, d_in)={min(d_out, d_in)} of {module}: "
-                "the update BA cannot have rank above that",
-                stacklevel=2,
-            )
     pissa_init, pissa_base = {}, {}
     if config.init == "pissa":
         pissa_init, pissa_base = apply_pissa_split(model, pissa_split(model, modules, config))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minilora.basics.checks import distinct_indices, distinct_names, one_of, positive_int
+from minilora.core.adapters import check_rank
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPTConfig, parameter_shapes
 from minilora.core.optim import AdamW
@@ -225,12 +226,8 @@ def accounting_table(
         bytes_per_param = _DEFAULT_BYTES_PER_PARAM.get(name, 4)
     r = positive_int("r", r)
     targets = _check_targets(targets)
-    smallest = min(min(_target_shape(t, config["d_model"])) for t in targets)
-    if r > smallest:  # otherwise "LoRA" could train more than full fine-tuning
-        raise ValueError(
-            f"r={r} exceeds {smallest}, the smallest side of the adapted matrices: a rank-r "
-            f"update of such a matrix has rank at most {smallest}; allowed: 1..{smallest}"
-        )
+    # the rule add_adapter applies to a real model; _target_shape is (d_in, d_out)
+    check_rank(r, {t: _target_shape(t, config["d_model"])[::-1] for t in targets})
     arch = count_architecture(
         config["vocab_size"],
         config["block_size"],

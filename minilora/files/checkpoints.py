@@ -138,11 +138,13 @@ def load_adapter(
     """
     require_gpt(model)
     boolean("activate", activate)
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"adapter directory {str(directory)!r} does not exist")
-    meta = _read_fields(directory / ADAPTER_CONFIG, ADAPTER_FIELDS)
-    config = LoraConfig.from_dict(meta["lora_config"])
+    directory = _folder("adapter", directory)
+    config_path = directory / ADAPTER_CONFIG
+    meta = _read_fields(config_path, ADAPTER_FIELDS)
+    try:  # the message names the file the bad value came from
+        config = LoraConfig.from_dict(meta["lora_config"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{config_path}: {err}") from None
     if meta["base_config"] != model.config.to_dict():
         raise ValueError(
             f"{directory}: adapter is for a model with {meta['base_config']}, "
@@ -158,7 +160,10 @@ def load_adapter(
     name = check_adapter_name(name if name is not None else meta.get("adapter_name", "default"))
     if name in model.adapters:
         raise ValueError(f"adapter {name!r} exists already; pass another name=")
-    modules = adapter_modules(model, config)
+    try:
+        modules = adapter_modules(model, config)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
     tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
     expected = {f"{m}.lora_{x}" for m in modules for x in "AB"}
     if set(tensors) != expected:
@@ -181,6 +186,7 @@ def load_adapter(
                 raise ValueError(
                     f"{directory}: {module}.lora_{key} contains NaN or inf (as {model.dtype.name})"
                 )
+        _check_update_fits(config_path, config, module, A, B, model.dtype)
         factors[module] = (A, B)
     split = pissa_split(model, modules, config) if config.init == "pissa" else {}
     if split:  # the same SVD of the same W gives the same residual: check that it does
@@ -197,6 +203,33 @@ def load_adapter(
         model, name, config, factors, fingerprint, pissa_init, activate, pissa_base=pissa_base
     )
     return name
+
+
+def _folder(kind: str, directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path, refused unless it is a folder (a file is not one)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ValueError(f"{kind} directory {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"{kind} directory {str(directory)!r} is not a folder")
+    return directory
+
+
+def _check_update_fits(
+    path: Path, config: LoraConfig, module: str, A: np.ndarray, B: np.ndarray, dtype: np.dtype
+) -> None:
+    """The adapter's update must be representable: s = alpha/r (or alpha/sqrt(r)) and every
+    entry of ΔW = s B A, at most s r max|A| max|B| in size, below the dtype's largest
+    number (3.4e38 in float32). Otherwise merging or a forward overflows to inf and NaN."""
+    largest = float(np.finfo(dtype).max)
+    scale = config.scale
+    bound = scale * config.r * float(np.abs(A).max()) * float(np.abs(B).max())
+    if not (scale <= largest and bound <= largest):
+        raise ValueError(
+            f"{path}: alpha={config.alpha:g} with r={config.r} gives the scale "
+            f"s={scale:.3g} and |ΔW| up to s r max|A| max|B| = {bound:.3g} on {module}; "
+            f"allowed: both at most {largest:.3g}, the largest {np.dtype(dtype).name}"
+        )
 
 
 # -------------------------------------------------------------------------- models
@@ -229,9 +262,7 @@ def load_model(
     directory: str | os.PathLike, device: str | None = None, dtype: str | None = None
 ) -> tuple[GPT, dict]:
     """Build a GPT from ``save_model`` output; returns (model, config.json contents)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"model directory {str(directory)!r} does not exist")
+    directory = _folder("model", directory)
     meta = _read_fields(directory / MODEL_CONFIG, MODEL_FIELDS)
     config = GPTConfig.from_dict(meta["gpt_config"])
     tensors, _ = load_safetensors(directory / MODEL_WEIGHTS)

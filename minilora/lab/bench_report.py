@@ -231,9 +231,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cpu (NumPy) or gpu (CuPy); default $MINILORA_DEVICE or cpu",
     )
     _add_once(parser, "--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (default 2)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results")
+    # None: not given, so that --quick can refuse them (run() fills in the defaults)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the results (default: print only)"
+    )
     parser.add_argument(
         "--busy", action="store_true", help="measure while a helper process keeps a core busy"
     )
@@ -245,9 +248,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``minilora bench``: measure, print the table, write --json if asked."""
-    steps, warmup = args.steps, args.warmup
-    if args.quick:
-        steps, warmup = min(steps, 2), min(warmup, 1)
+    counts = {name: getattr(args, name) for name in ("steps", "warmup")}
+    given = [f"--{name} {value}" for name, value in counts.items() if value is not None]
+    if args.quick and given:
+        raise ValueError(
+            f"--quick times 2 steps after 1 warm-up step, so {' and '.join(given)} would be "
+            "ignored; give --quick or the counts"
+        )
+    steps, warmup = (2, 1) if args.quick else (10, 2)
+    steps = args.steps if args.steps is not None else steps
+    warmup = args.warmup if args.warmup is not None else warmup
     results = run_benchmark(
         configs=args.config,
         device=args.device,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import require_memory, to_host
-from minilora.basics.blas import choose_threads, limited_threads
+from minilora.basics.blas import check_threads, choose_threads, limited_threads
 from minilora.basics.checks import non_negative_int, positive_int
 from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
 from minilora.core.model import GPT
@@ -82,6 +82,12 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0 turns it off)")
+
+
+def floating_point_errors() -> np.errstate:
+    """Overflow, invalid and divide-by-zero as FloatingPointError (underflow is harmless)
+    around every forward the trainer runs, so that inf never goes on with a warning."""
+    return np.errstate(over="raise", invalid="raise", divide="raise", under="ignore")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -193,7 +199,7 @@ class Trainer:
         }
         self.overwrite = overwrite
         if threads is not None and threads != "auto":
-            threads = positive_int("threads", threads)
+            threads = check_threads("threads", threads)
         self.threads_request = threads
         self.thread_choice: dict[str, Any] | None = None  # what "auto" measured
         if isinstance(threads, int):  # a fixed count is a setting like any other
@@ -305,7 +311,7 @@ class Trainer:
         self.model.reseed(seed)
         self.model.train()  # dropout on (validation switches to eval mode and back)
         try:
-            with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+            with floating_point_errors():
                 loss = self.model.loss(batch.idx, batch.targets)
                 if self.first_loss is None and math.isfinite(loss):
                     self.first_loss = loss
@@ -401,12 +407,26 @@ class Trainer:
             self.model.backward()
             self.model.grads = {}
 
-        self.thread_choice = choose_threads(forward_backward)
+        self.thread_choice = self._checked(lambda: choose_threads(forward_backward))
         self.settings["blas_threads"] = self.thread_choice["threads"]
+
+    def _checked(self, forward: Any) -> Any:
+        """``forward()`` under a training step's floating-point rules: an overflow before
+        the first step is the model's (its weights), after it the training's."""
+        try:
+            with floating_point_errors():
+                return forward()
+        except FloatingPointError as err:
+            if self.step > 0:
+                raise self._diverged(self.step, f"floating-point {err}") from None
+            raise TrainingDiverged(
+                f"the model's forward overflows before any training (floating-point {err}): "
+                f"its weights are too large for {self.model.dtype.name}"
+            ) from None
 
     def validate(self) -> dict[str, float]:
         """Evaluate on the fixed validation batch and log it as val_* at this step."""
-        metrics = evaluate(self.model, self.eval_batch)
+        metrics = self._checked(lambda: evaluate(self.model, self.eval_batch))
         self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
