@@ -314,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("list", "check"), help="list, or check one exercise")
     p.add_argument("name", nargs="?", default=None, help="the exercise to check (see list)")
-    p.add_argument("--file", default=None, help="a Python file that defines def NAME(...)")
+    p.add_argument(
+        "--file",
+        default=None,
+        help="a Python file that defines def NAME(...) (no default: check needs it)",
+    )
     return parser
 
 
