@@ -16,7 +16,7 @@ SUBPACKAGES = {
     "basics": ["version", "checks", "backend", "blas"],
     "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
     "files": ["io", "checkpoints"],
-    "training": ["data", "planted", "runfolder", "train"],
+    "training": ["data", "planted", "runfolder", "schedule", "train"],
     "lab": [
         "sweep",
         "gradcheck_report",

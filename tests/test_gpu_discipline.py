@@ -138,7 +138,7 @@ def test_the_trainer_runs_and_resumes_on_the_device(strict_gpu, tmp_path):
     gpu.train_step()
     assert strict_gpu.transfers.sites() == [
         "minilora.core.layers.cross_entropy_forward",
-        "minilora.training.train.clip_gradients",
+        "minilora.training.schedule.clip_gradients",
     ]
     gpu.save_checkpoint()
     resumed = trainer("gpu", tmp_path / "gpu")

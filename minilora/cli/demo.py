@@ -38,7 +38,8 @@ from minilora.files import checkpoints
 from minilora.files.checkpoints import BUILTIN_BASE, load_base
 from minilora.files.io import save_json
 from minilora.training.data import get_task
-from minilora.training.train import LORA_LR, TrainConfig, Trainer, evaluate
+from minilora.training.schedule import LORA_LR
+from minilora.training.train import TrainConfig, Trainer, evaluate
 
 BATCH_SIZE = 64
 WARMUP = 10  # steps, or all of them in a shorter demo

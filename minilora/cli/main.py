@@ -14,7 +14,7 @@ from minilora.basics.blas import check_threads
 from minilora.basics.checks import non_negative_int
 from minilora.basics.version import __version__
 from minilora.lab import bench_report
-from minilora.training.train import LORA_LR
+from minilora.training.schedule import LORA_LR
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -36,7 +36,8 @@ from minilora.lab.bench import build_model, make_batch, measure_memory, referenc
 from minilora.lab.sweep import run_sweep
 from minilora.training.data import FixedPoolTask, get_task
 from minilora.training.planted import PlantedRankTask
-from minilora.training.train import LORA_LR, TrainConfig, Trainer, evaluate
+from minilora.training.schedule import LORA_LR
+from minilora.training.train import TrainConfig, Trainer, evaluate
 
 Record = dict[str, Any]
 
