@@ -21,11 +21,14 @@ from minilora.core.model import GPT, GPTConfig
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
-from minilora.lab import bench_report
+from minilora.files.io import check_writable_file, save_json
+from minilora.lab.bench import run_benchmark
+from minilora.lab.bench_report import format_results
 from minilora.lab.gradcheck_report import full_report
-from minilora.training.data import TextFileTask, get_task
+from minilora.training.data import get_task
 from minilora.training.planted import PlantedRankTask
 from minilora.training.runfolder import RunFolder
+from minilora.training.textfile import TextFileTask
 from minilora.training.train import TrainConfig, Trainer
 
 FINETUNE_TASKS = ("shift", "rot", "planted")
@@ -260,6 +263,31 @@ def figures_command(args: Namespace) -> int:
     return 0
 
 
+def bench_command(args: Namespace) -> int:
+    """``minilora bench``: measure, print the table, write --json if asked."""
+    if args.json:  # before minutes of measuring: a path that cannot be written fails now
+        check_writable_file(args.json)
+    steps, warmup = args.steps, args.warmup
+    if args.quick:
+        steps, warmup = min(steps, 2), min(warmup, 1)
+    results = run_benchmark(
+        configs=args.config,
+        device=args.device,
+        seed=args.seed,
+        steps=steps,
+        warmup=warmup,
+        busy=args.busy,
+        use_torch=not args.no_torch,
+        quick=args.quick,
+        log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
+    )
+    print(format_results(results))
+    if args.json:
+        save_json(args.json, results)
+        print(f"results written to {args.json}")
+    return 0
+
+
 def demo(args: Namespace) -> int:
     return run_demo(args)
 
@@ -271,6 +299,6 @@ COMMANDS = {
     "generate": generate,
     "params": params_command,
     "gradcheck": gradcheck_command,
-    "bench": bench_report.run,
+    "bench": bench_command,
     "figures": figures_command,
 }

@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from minilora.basics.backend import DeviceUnavailableError
-from minilora.lab import bench_report
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -220,7 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
         "  minilora bench --quick --no-torch",
     )
     _common(p)
-    bench_report.add_arguments(p)
+    p.add_argument(
+        "--config",
+        action="append",
+        choices=("tiny", "small", "medium", "large"),
+        default=None,
+        help="reference configuration, repeatable (default: small and medium on the cpu, "
+        "large on the gpu; tiny with --quick)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps (default 2)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results")
+    p.add_argument(
+        "--busy", action="store_true", help="measure while a helper process keeps a core busy"
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument(
+        "--quick", action="store_true", help="a fast pass: tiny config, 2 steps, 1 warm-up"
+    )
 
     p = sub.add_parser(
         "figures",
@@ -234,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--quick", action="store_true", help="fewer steps, ranks and seeds")
     p.add_argument("--only", action="append", default=None, metavar="NAME", help="one figure")
-    p.add_argument("--out", default="figures", help="output folder (default figures)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default figures; with --quick runs/figures-quick, so that a "
+        "quick run never replaces the committed figures)",
+    )
     p.add_argument(
         "--reuse", action="store_true", help="reuse OUT's saved records where settings match"
     )

@@ -362,13 +362,17 @@ class GPT:
         """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer)."""
         p = self.params
         live = self._live_adapters(module)
-        branches = []
+        branches, need_dAB = [], []
         for name in live:
             config = self._adapters[name].config
             mask = dropout_mask(x.shape, config.dropout, self.rng, self.dtype) if train else None
             A_name, B_name = lora_names(module, name)
             branches.append(LoraBranch(p[A_name], p[B_name], config.scale, mask))
-        h, cache = lora_linear_forward(x, p[f"{module}.weight"], p[f"{module}.bias"], branches)
+            need_dAB.append((self.is_trainable(A_name), self.is_trainable(B_name)))
+        W, b = p[f"{module}.weight"], p[f"{module}.bias"]
+        # cache only what the backward will use: a frozen W needs no x (dx = dh W)
+        need_dW = self.is_trainable(f"{module}.weight")
+        h, cache = lora_linear_forward(x, W, b, branches, need_dW, need_dAB)
         return h, (module, live, cache)
 
     def _dropout(self, x: Array, train: bool) -> tuple[Array, Array | None]:
@@ -410,7 +414,8 @@ class GPT:
             x, c_block = self._block_forward(i, x, train)
             c_blocks.append(c_block)
         lnf, c_lnf = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
-        logits, c_head = linear_forward(lnf, p["wte.weight"])  # tied head: lnf wte^T (B, T, V)
+        # tied head: lnf wte^T (B, T, V); lnf is kept only if wte trains
+        logits, c_head = linear_forward(lnf, p["wte.weight"], None, self.is_trainable("wte.weight"))
         return logits, (c_tok, c_pos, c_embdrop, c_blocks, c_lnf, c_head)
 
     def forward(self, idx: Any, train: bool = False) -> Array:
