@@ -38,7 +38,6 @@ HOST_BOUNDARY = {
     "basics/backend.py": "the one module that chooses NumPy or CuPy",
     "files/io.py": "file formats: reads and writes host arrays",
     "training/batches.py": "batches are packed and scored on the host",
-    "training/data.py": "the built-in tasks are drawn on the host",
     "core/tokenizer.py": "characters become ids on the host",
     "core/gradcheck.py": "finite differences' bookkeeping on host copies (backend.to_host)",
     "lab/torch_reference.py": "copies host arrays into PyTorch",
