@@ -208,7 +208,7 @@ class GPT:
         self._adapters: dict[str, Adapter] = {}  # the adapter state: see the module docstring
         self._active: list[str] = []
         self._merged: list[str] = []
-        self._premerge: dict[str, Array] = {}  # weights before merge, put back by unmerge
+        self._premerge: dict[str, Array] = {}  # host copies of W before merge, for unmerge
         self.rng = self.backend.rng(seed)  # dropout masks
         self._cache: ModelCache | None = None
 
@@ -310,8 +310,8 @@ class GPT:
 
     def mark_merged(self, names: list[str], saved: Mapping[str, Array] | None = None) -> None:
         """Record which active adapters are inside W (merge / unmerge change W itself),
-        and the weights as they were before the first merge (``saved``: name -> copy),
-        which unmerge puts back."""
+        and the weights as they were before the first merge (``saved``: name -> a host
+        copy, off the device), which unmerge puts back."""
         if any(n not in self._active for n in names):
             raise ValueError(f"only active adapters {self._active} can be merged, not {names}")
         self._merged = list(names)
