@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from minilora.basics.backend import DeviceUnavailableError
+from minilora.lab.reference import CONFIGS as BENCH_CONFIGS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         action="append",
-        choices=("tiny", "small", "medium", "large"),
+        choices=BENCH_CONFIGS,
         default=None,
         help="reference configuration, repeatable (default: small and medium on the cpu, "
         "large on the gpu; tiny with --quick)",

@@ -140,8 +140,9 @@ def activation_bytes(config: Mapping[str, Any], bytes_per_param: int = 2) -> int
     ``s b d (34 + 5 a s / d)`` bytes (s sequence, b batch, d width, a heads); the
     ``5 a s / d`` term is the s x s attention matrices. We multiply by n_layer and scale
     by ``bytes_per_param / 2`` for other precisions; embeddings and logits are left out.
-    The same estimate is used for LoRA: the frozen layers still need their activations
-    to pass gradients back to the adapters below them.
+    The formula does not depend on what trains. minilora's own count, which does (a
+    frozen linear without an adapter keeps no input), is :func:`step_activation_bytes`,
+    the one ``memory_estimate`` uses.
     """
     c = _check_config(config)
     s, b, d, a = c["block_size"], c["batch_size"], c["d_model"], c["n_head"]

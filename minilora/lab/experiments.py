@@ -169,7 +169,7 @@ def dropout_sweep(
 def step_costs(
     ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), batch_size: int = 32, steps: int = 10
 ) -> list[Record]:
-    """Step time and peak memory of one training step (bench.py's measurement) on the
+    """Step time and peak memory of one training step (memory.py's measurement) on the
     small configuration: LoRA on q,k,v,o at each rank, and full fine-tuning."""
     cfg, _ = reference_config("small")
     idx, targets = make_batch(cfg, batch_size)
@@ -372,7 +372,7 @@ def memory_breakdown(
 ) -> list[Record]:
     """Training memory split into weights, gradients, optimizer state and activations,
     full against LoRA (r=8 on q,k,v,o): measured on our models (one step, tracemalloc,
-    bench.py), computed for GPT-2 and GPT-3 175B (params.memory_estimate, fp16)."""
+    memory.py), computed for GPT-2 and GPT-3 175B (params.memory_estimate, fp16)."""
     parts = ("weights", "gradients", "optimizer", "activations")
     records = []
     for name in measured:
