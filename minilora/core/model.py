@@ -13,7 +13,9 @@ before any adapter is added): the layer that is taught and gradient-checked.
 
 All parameters live in one flat dict, ``model.params``, under GPT-2's dotted names
 (DESIGN.md). ``model.grads`` has the same keys, for trainable parameters only: a
-frozen parameter never gets a gradient buffer.
+frozen parameter never gets a gradient buffer. The forward caches only what the
+backward will use, given what is trainable: a frozen linear without an adapter keeps
+no input (dx = dh W needs none), as PyTorch's autograd.
 
 Adapter state has one owner: the model. Which adapters exist, which are active and
 which are merged into W is read on every forward, so it lives next to the parameters
