@@ -1,4 +1,4 @@
-"""The benchmark as a script: the same code as ``minilora bench`` (minilora/bench.py).
+"""The benchmark as a script: the same code as ``minilora bench`` (minilora/lab/bench.py).
 
     python benchmarks/bench.py --json benchmarks/results-cpu.json
     python benchmarks/bench.py --device gpu --json benchmarks/results-gpu.json
@@ -9,17 +9,14 @@ benchmarks/README.md shows the latest results and how they were made.
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from minilora.lab import bench_report
+from minilora.cli.main import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="minilora speed and memory: LoRA vs full fine-tuning, minilora vs PyTorch"
-    )
-    bench_report.add_arguments(parser)
-    return bench_report.run(parser.parse_args(argv))
+    """``minilora bench`` with these arguments (its options: ``--help``)."""
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # the guard also keeps the --busy helper process from rerunning this

@@ -327,6 +327,16 @@ def _write(name: str, data: bytes | None) -> Callable[[Ctx], None]:
     return prepare
 
 
+def _figures_json(data: bytes) -> Callable[[Ctx], None]:
+    """A saved figure record in {tmp}/figs, as ``figures --reuse`` reads them."""
+
+    def prepare(ctx: Ctx) -> None:
+        (ctx.tmp / "figs").mkdir()
+        (ctx.tmp / "figs" / "params_vs_rank.json").write_bytes(data)
+
+    return prepare
+
+
 def _pretrained(ctx: Ctx) -> None:
     ctx.cli(*PRE, *FAST)
 
@@ -788,6 +798,42 @@ CASES = [
         new_files_in_out=True,
     ),
     *CLI_CASES_ISSUE_20,
+    # ---- lab (issue 15/20): outputs checked before the work, files named
+    Case(
+        "bench_json_in_proc",
+        ["bench", "--quick", "--no-torch", "--json", "/proc/x.json"],
+        match=r"/proc/x\.json",
+    ),
+    Case(
+        "bench_json_under_a_file",
+        ["bench", "--quick", "--no-torch", "--json", "{tmp}/file.txt/results.json"],
+        _write("file.txt", b"not a folder\n"),
+        match=r"file\.txt/results\.json",
+    ),
+    Case(
+        "figures_reuse_broken_json",
+        ["figures", "--quick", "--reuse", "--only", "params_vs_rank", "--out", "{tmp}/figs"],
+        _figures_json(b"{broken"),
+        match=r"figs/params_vs_rank\.json",
+    ),
+    Case(
+        "figures_reuse_records_garbage",
+        ["figures", "--quick", "--reuse", "--only", "params_vs_rank", "--out", "{tmp}/figs"],
+        _figures_json(
+            json.dumps(
+                {
+                    "figure": "params_vs_rank",
+                    "quick": True,
+                    "experiments": {
+                        "counts": {"experiment": "parameter_counts", "settings": {}, "seconds": 1}
+                    },
+                    "records": "garbage",
+                }
+            ).encode()
+        ),
+        match=r"figs/params_vs_rank\.json",
+    ),
+    # ---- end of the lab block
 ]
 
 

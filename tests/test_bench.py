@@ -3,19 +3,28 @@
 One quick pass on the tiny configuration is shared by the tests that read its output.
 """
 
-import argparse
 import json
 import multiprocessing
 
 import numpy as np
 import pytest
 
+from minilora.cli.main import build_parser
 from minilora.core import layers as layers_module
 from minilora.core import lora as lora_module
 from minilora.core import model as model_module
 from minilora.core.optim import AdamW
 from minilora.core.params import lora_parameter_count
-from minilora.lab import bench, bench_report
+from minilora.lab import (
+    bench,
+    bench_report,
+    busy_core,
+    flops,
+    memory,
+    op_profile,
+    reference,
+    torch_reference,
+)
 
 SECTIONS = ("config", "training", "forward", "memory", "flops", "ops", "torch")
 PARTS = ("weights", "gradients", "optimizer", "activations")
@@ -30,9 +39,9 @@ def quick():
 def _ops_in_namespaces():
     return {
         (module.__name__, attr): value
-        for module in bench.OP_MODULES
+        for module in op_profile.OP_MODULES
         for attr, value in vars(module).items()
-        if bench._is_op(value)
+        if op_profile.is_op(value)
     }
 
 
@@ -42,7 +51,7 @@ def test_results_have_every_section_and_are_json(quick):
     assert quick["meta"]["blas"]["library"] and quick["meta"]["blas"]["source"]
     r = quick["configs"]["tiny"]
     assert set(SECTIONS) <= set(r)
-    for mode in bench.MODES:
+    for mode in reference.MODES:
         assert r["training"]["minilora"][mode]["median_ms"] > 0
         assert set(PARTS) | {"peak", "predicted"} <= set(r["memory"][mode])
         assert r["flops"][mode]["total"] > 0
@@ -60,7 +69,7 @@ def test_the_table_shows_each_part(quick):
 
 
 def test_memory_parts_add_up_to_the_peak(quick):
-    for mode in bench.MODES:
+    for mode in reference.MODES:
         m = quick["configs"]["tiny"]["memory"][mode]
         assert sum(m[k] for k in PARTS) == m["peak"]
         assert m["activations"] > 0
@@ -73,11 +82,12 @@ def test_lora_keeps_far_less_gradient_and_optimizer_state(quick):
     full = mem["full"]["gradients"] + mem["full"]["optimizer"]
     lora = mem["lora"]["gradients"] + mem["lora"]["optimizer"]
     assert lora < 0.2 * full
-    # exact: 4 bytes of gradient and 8 of AdamW moments per trainable float32 parameter
-    cfg, _ = bench.reference_config("tiny")
+    # exact: 4 bytes of gradient per trainable float32 parameter, and 12 of AdamW: the
+    # moments m and v and its work array
+    cfg, _ = reference.reference_config("tiny")
     n_lora = lora_parameter_count(cfg.n_layer, cfg.d_model, 8, ("q", "k", "v", "o"))
     assert mem["lora"]["gradients"] == 4 * n_lora
-    assert mem["lora"]["optimizer"] == 8 * n_lora
+    assert mem["lora"]["optimizer"] == 12 * n_lora
     assert mem["full"]["gradients"] == mem["full"]["predicted"]["gradients"]
     assert mem["saving"]["fraction"] == pytest.approx(1.0)
 
@@ -91,29 +101,29 @@ def test_memory_report_arithmetic():
         "full": dict(weights=10, gradients=10, optimizer=20, activations=3, total=43),
         "lora": dict(weights=11, gradients=1, optimizer=1, activations=3, total=16),
     }
-    report = bench.memory_report(measured, predicted, "test")
+    report = memory.memory_report(measured, predicted, "test")
     assert report["saving"]["measured"] == 27 and report["saving"]["theoretical"] == 28
     assert report["saving"]["fraction"] == pytest.approx(27 / 28)
     assert report["saving"]["peak"] == 26
 
 
 def test_flop_count_of_tiny_by_hand():
-    cfg, batch = bench.reference_config("tiny")  # V 65, d 32, 2 layers, T 16, batch 4
+    cfg, batch = reference.reference_config("tiny")  # V 65, d 32, 2 layers, T 16, batch 4
     tokens = 4 * 16
     # matrix weights: per block q, k, v, o (32 x 32) + fc, proj (128 x 32); head 65 x 32
     matmul_params = 2 * (4 * 32 * 32 + 2 * 128 * 32) + 65 * 32
     assert matmul_params == 26_656
     attention = 12 * 2 * 16 * 32 * tokens  # 12 n_layer T d per token
-    full = bench.step_flops(cfg, batch, "full")
+    full = flops.step_flops(cfg, batch, "full")
     assert full["matmul_params"] == matmul_params
     assert full["attention"] == attention == 786_432
     assert full["total"] == 6 * matmul_params * tokens + attention == 11_022_336
     lora_params = 2 * 4 * 8 * (32 + 32)  # A (8, 32) and B (32, 8) on q, k, v, o of 2 blocks
-    lora = bench.step_flops(cfg, batch, "lora")
+    lora = flops.step_flops(cfg, batch, "lora")
     assert lora["lora_params"] == lora_params == 4096
     assert lora["total"] == 4 * matmul_params * tokens + 6 * lora_params * tokens + attention
     assert lora["total"] == 9_183_232
-    base = bench.step_flops(cfg, batch, "base")
+    base = flops.step_flops(cfg, batch, "base")
     assert base["total"] == 2 * matmul_params * tokens + attention // 3
 
 
@@ -121,10 +131,10 @@ def test_op_timer_times_the_ops_and_restores_them():
     before = _ops_in_namespaces()
     assert ("minilora.core.lora", "linear_forward") in before  # the LoRA layer's own lookups
     assert ("minilora.core.layers", "softmax_forward") in before  # attention's
-    cfg, batch = bench.reference_config("tiny")
-    model = bench.build_model(cfg, "lora")
-    idx, targets = bench.make_batch(cfg, batch)
-    with bench.timed_ops() as times:
+    cfg, batch = reference.reference_config("tiny")
+    model = reference.build_model(cfg, "lora")
+    idx, targets = reference.make_batch(cfg, batch)
+    with op_profile.timed_ops() as times:
         assert (
             model_module.layer_norm_forward
             is not before[("minilora.core.model", "layer_norm_forward")]
@@ -139,43 +149,42 @@ def test_op_timer_times_the_ops_and_restores_them():
 
 def test_op_timer_restores_the_functions_when_a_step_raises():
     before = _ops_in_namespaces()
-    cfg, batch = bench.reference_config("tiny")
-    model = bench.build_model(cfg, "full")
-    idx, targets = bench.make_batch(cfg, batch)
-    with pytest.raises(RuntimeError, match="boom"), bench.timed_ops():
+    cfg, batch = reference.reference_config("tiny")
+    model = reference.build_model(cfg, "full")
+    idx, targets = reference.make_batch(cfg, batch)
+    with pytest.raises(RuntimeError, match="boom"), op_profile.timed_ops():
         model.loss(idx, targets)
         raise RuntimeError("boom")
     assert _ops_in_namespaces() == before
     # an op that raises inside its wrapper: the error passes through, the originals return
-    with pytest.raises(ValueError), bench.timed_ops():
+    with pytest.raises(ValueError), op_profile.timed_ops():
         layers_module.linear_forward(np.ones((2, 3)), np.ones((4, 5)))
     assert _ops_in_namespaces() == before
     assert lora_module.linear_forward is layers_module.linear_forward
 
 
 def test_op_table_shares_add_up():
-    cfg, batch = bench.reference_config("tiny")
-    model = bench.build_model(cfg, "lora")
-    idx, targets = bench.make_batch(cfg, batch)
-    table = bench.op_table(model, AdamW(model), idx, targets, passes=1)
+    cfg, batch = reference.reference_config("tiny")
+    model = reference.build_model(cfg, "lora")
+    idx, targets = reference.make_batch(cfg, batch)
+    table = op_profile.op_table(model, AdamW(model), idx, targets, passes=1)
     assert sum(o["share"] for o in table["ops"]) == pytest.approx(1.0)
     assert sum(o["total_ms"] for o in table["ops"]) == pytest.approx(table["step_ms"])
     assert {"adamw", "other", "lora"} <= {o["op"] for o in table["ops"]}
 
 
 def test_busy_helper_stops():
-    with bench.busy_core() as helper:
+    with busy_core.busy_core() as helper:
         alive = [p for p in multiprocessing.active_children() if p.pid == helper["pid"]]
         assert alive and alive[0].is_alive()
     assert not [p for p in multiprocessing.active_children() if p.pid == helper["pid"]]
 
 
 def test_command_line_arguments():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default=None)  # cli.py's shared options may exist already
-    parser.add_argument("--seed", type=int, default=0)
-    bench_report.add_arguments(parser)
-    args = parser.parse_args(["--config", "small", "--config", "medium", "--json", "x.json"])
+    """The bench options live with the other commands, --device and --seed defined once."""
+    args = build_parser().parse_args(
+        ["bench", "--config", "small", "--config", "medium", "--json", "x.json"]
+    )
     assert args.config == ["small", "medium"] and args.json == "x.json"
     assert (args.steps, args.warmup, args.busy, args.no_torch, args.quick) == (
         None,  # not given: run() uses 10 and 2 (2 and 1 with --quick)
@@ -184,9 +193,9 @@ def test_command_line_arguments():
         False,
         False,
     )
-    fresh = argparse.ArgumentParser()
-    bench_report.add_arguments(fresh)
-    assert fresh.parse_args(["--device", "cpu", "--seed", "3"]).seed == 3
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--seed", "3"])
+    assert (args.device, args.seed) == ("cpu", 3)
+    assert not hasattr(bench_report, "add_arguments")  # bench_report only formats
 
 
 def test_without_torch_the_section_says_why():
@@ -197,11 +206,49 @@ def test_without_torch_the_section_says_why():
 
 def test_torch_model_matches_minilora_logits(quick):
     pytest.importorskip("torch", reason="PyTorch is not installed (the `ref` extra)")
-    cfg, batch = bench.reference_config("tiny")
-    idx, _ = bench.make_batch(cfg, batch)
-    for mode in bench.MODES:
-        assert bench.torch_logit_difference(bench.build_model(cfg, mode), idx) < 1e-5
+    cfg, batch = reference.reference_config("tiny")
+    idx, _ = reference.make_batch(cfg, batch)
+    for mode in reference.MODES:
+        assert torch_reference.torch_logit_difference(reference.build_model(cfg, mode), idx) < 1e-5
     r = quick["configs"]["tiny"]
     assert r["torch"]["available"]
     assert max(r["torch"]["max_abs_logit_diff"].values()) < 1e-5
-    assert set(r["training"]["torch"]) == set(bench.MODES)
+    assert set(r["training"]["torch"]) == set(reference.MODES)
+
+
+# ------------------------------------------------------ on what it ran; memory, lean
+def test_the_results_say_on_what_they_ran(quick):
+    """CPU model, BLAS kernel, cores and load: in the JSON and in the table's header."""
+    meta = quick["meta"]
+    assert meta["machine"]["cpu_model"] and meta["machine"]["usable_cores"] >= 1
+    assert "architecture" in meta["blas"]  # OpenBLAS's kernel; None where none is reported
+    assert len(meta["load_average"]) == 3
+    header = bench_report.format_results(quick).split("\n\n")[0]
+    assert f"CPU {meta['machine']['cpu_model']}" in header
+    assert f"{meta['machine']['usable_cores']} of {meta['machine']['cpu_count']} cores" in header
+    if meta["blas"]["architecture"]:
+        assert f"kernel {meta['blas']['architecture']}" in header
+    assert "load average" in header
+
+
+def _measured(name: str) -> dict:
+    cfg, batch = reference.reference_config(name)
+    idx, targets = reference.make_batch(cfg, batch)
+    out = {}
+    for mode in reference.MODES:
+        model = reference.build_model(cfg, mode)
+        out[mode] = memory.measure_memory(model, AdamW(model), idx, targets)
+        out[mode]["predicted"] = memory.predicted_memory(cfg, batch, mode)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["small", pytest.param("medium", marks=pytest.mark.slow)]
+)  # tracemalloc counts allocations, not time: the machine's load does not change them
+def test_lora_keeps_fewer_activations_and_the_estimate_is_within_10_percent(name):
+    m = _measured(name)
+    assert m["lora"]["activations"] < 0.9 * m["full"]["activations"]
+    for mode in reference.MODES:
+        predicted, peak = m[mode]["predicted"]["total"], m[mode]["peak"]
+        assert abs(predicted - peak) < 0.1 * peak, (mode, predicted, peak)
+        assert m[mode]["predicted"]["optimizer"] == m[mode]["optimizer"]  # exact

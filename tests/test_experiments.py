@@ -67,3 +67,20 @@ def test_unknown_figure_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="unknown figure 'nope'"):
         make_figures(tmp_path, only=["nope"])
+
+
+def test_quick_figures_never_replace_the_committed_ones(tmp_path, monkeypatch, capsys):
+    """``minilora figures --quick`` from the repository root writes elsewhere by default."""
+    pytest.importorskip("matplotlib")
+    from minilora.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "figures" / "params_vs_rank.png"
+    committed.parent.mkdir()
+    committed.write_bytes(b"the committed figure")
+    assert main(["figures", "--quick", "--only", "params_vs_rank"]) == 0
+    assert committed.read_bytes() == b"the committed figure"
+    assert sorted(p.name for p in committed.parent.iterdir()) == ["params_vs_rank.png"]
+    quick = tmp_path / "runs" / "figures-quick" / "params_vs_rank.png"
+    assert quick.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(quick.relative_to(tmp_path)) in capsys.readouterr().out

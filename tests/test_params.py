@@ -12,6 +12,7 @@ import minilora as ml
 from minilora.core.params import (
     PRESETS,
     accounting_table,
+    activation_bytes,
     count_architecture,
     count_parameters,
     format_accounting,
@@ -19,6 +20,7 @@ from minilora.core.params import (
     memory_estimate,
     module_key,
     preset,
+    step_activation_bytes,
 )
 
 ARCH_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model")
@@ -154,11 +156,12 @@ def test_memory_breakdown_full_vs_lora():
     lora = memory_estimate(cfg, 8, ("q", "v"), bytes_per_param=4)
     n_lora = lora_parameter_count(4, 128, 8, ("q", "v"))
     assert full["weights"] == full["gradients"] == full["checkpoint"] == 4 * total
-    assert full["optimizer"] == 8 * total  # AdamW: two fp32 moments
+    assert full["optimizer"] == 12 * total  # AdamW: two fp32 moments and a work array
     assert lora["weights"] == 4 * (total + n_lora)  # the frozen base is still in memory
     assert lora["gradients"] == lora["checkpoint"] == 4 * n_lora
-    assert lora["optimizer"] == 8 * n_lora
-    assert lora["activations"] == full["activations"] > 0
+    assert lora["optimizer"] == 12 * n_lora
+    # frozen linears without an adapter (k, o, fc, proj here) keep no input
+    assert 0 < lora["activations"] < full["activations"]
     for m in (full, lora):
         parts = ("weights", "gradients", "optimizer", "activations")
         assert m["total"] == sum(m[k] for k in parts)
@@ -169,11 +172,25 @@ def test_activation_estimate_follows_korthikanti():
     cfg = preset("gpt2")
     s, b, d, a, L = 1024, 8, 768, 12, 12
     expected = L * s * b * d * (34 + 5 * a * s / d)
-    assert memory_estimate(cfg, None, bytes_per_param=2)["activations"] == pytest.approx(expected)
+    assert activation_bytes(cfg, bytes_per_param=2) == pytest.approx(expected)
     # float32 activations take twice the bytes
-    assert memory_estimate(cfg, None, bytes_per_param=4)["activations"] == pytest.approx(
-        2 * expected
-    )
+    assert activation_bytes(cfg, bytes_per_param=4) == pytest.approx(2 * expected)
+
+
+def test_step_activations_by_hand():
+    """minilora's own caches, element by element (step_activation_bytes' docstring)."""
+    cfg = preset("tiny")  # V 65, d 32, 2 layers, 2 heads, s 16, batch 4
+    V, d, L, a, s, b = 65, 32, 2, 2, 16, 4
+    working = 14 * d + V + 3 * a * s + 4 * d  # block 0's attention backward
+    full = L * (20 * d + a * s + 2) + (2 * d + 1 + V) + working
+    assert step_activation_bytes(cfg, None) == b * s * (4 * full + 17)
+    # LoRA r=8 on q, v: ln_1's output kept for q and v; o, fc, proj keep no input
+    lora = L * (13 * d + a * s + 2 + d + 2 * 8) + (d + 1 + V) + working
+    assert step_activation_bytes(cfg, 8, ("q", "v")) == b * s * (4 * lora + 17)
+    assert memory_estimate(cfg, 8, ("q", "v"))["activations"] == b * s * (4 * lora + 17)
+    # every linear adapted keeps every input, as full fine-tuning, plus u per adapter
+    all_six = step_activation_bytes(cfg, 8, ("q", "k", "v", "o", "fc", "proj"))
+    assert all_six == step_activation_bytes(cfg, None) + b * s * 4 * (L * 6 * 8 - d)
 
 
 def test_memory_estimate_bad_input():
@@ -284,13 +301,13 @@ def test_module_key(name, key):
 
 
 def test_adam_state_bytes_follow_the_parameters_dtype():
-    """AdamW keeps m and v like the parameters: 2 x bytes_per_param each (float16: 4)."""
+    """AdamW keeps m and v like the parameters, plus one work array: 3 x bytes_per_param."""
     cfg = preset("small")
     for bpp in (2, 4, 8):
         full = memory_estimate(cfg, None, bytes_per_param=bpp)
         lora = memory_estimate(cfg, 8, ("q", "v"), bytes_per_param=bpp)
-        assert full["optimizer"] == 2 * full["gradients"] == 2 * bpp * full["trainable"]
-        assert lora["optimizer"] == 2 * bpp * lora_parameter_count(4, 128, 8, ("q", "v"))
+        assert full["optimizer"] == 3 * full["gradients"] == 3 * bpp * full["trainable"]
+        assert lora["optimizer"] == 3 * bpp * lora_parameter_count(4, 128, 8, ("q", "v"))
 
 
 def test_the_tiny_config_has_one_home():

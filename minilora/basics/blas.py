@@ -53,9 +53,16 @@ def check_threads(name: str, n: Any) -> int:
 
 
 def blas_libraries() -> list[dict[str, Any]]:
-    """The BLAS libraries loaded in this process: name, version, current threads."""
+    """The BLAS libraries loaded in this process: name, version, current threads, and
+    the kernel it chose for this CPU (OpenBLAS's ``architecture``, e.g. Haswell or
+    SkylakeX: it changes float32 rounding, so numbers are compared per kernel)."""
     return [
-        {"library": i["internal_api"], "version": i.get("version"), "threads": i["num_threads"]}
+        {
+            "library": i["internal_api"],
+            "version": i.get("version"),
+            "threads": i["num_threads"],
+            "architecture": i.get("architecture"),
+        }
         for i in threadpool_info()
         if i.get("user_api") == "blas"
     ]

@@ -21,12 +21,14 @@ from minilora.core.model import GPT, GPTConfig
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
-from minilora.files.io import sha256_file
-from minilora.lab import bench_report
+from minilora.files.io import check_writable_file, save_json, sha256_file
+from minilora.lab.bench import run_benchmark
+from minilora.lab.bench_report import format_results
 from minilora.lab.gradcheck_report import full_report
-from minilora.training.data import TextFileTask, get_task
+from minilora.training.data import get_task
 from minilora.training.planted import PlantedRankTask
 from minilora.training.runfolder import RunFolder
+from minilora.training.textfile import TextFileTask
 from minilora.training.train import TrainConfig, Trainer
 
 FINETUNE_TASKS = ("shift", "rot", "planted")
@@ -387,6 +389,38 @@ def figures_command(args: Namespace) -> int:
     return 0
 
 
+def bench_command(args: Namespace) -> int:
+    """``minilora bench``: measure, print the table, write --json if asked."""
+    if args.json:  # before minutes of measuring: a path that cannot be written fails now
+        check_writable_file(args.json)
+    given = [f"--{name} {getattr(args, name)}" for name in ("steps", "warmup")]
+    given = [flag for flag in given if not flag.endswith(" None")]
+    if args.quick and given:
+        raise ValueError(
+            f"--quick times 2 steps after 1 warm-up step, so {' and '.join(given)} would be "
+            "ignored; give --quick or the counts"
+        )
+    steps, warmup = (2, 1) if args.quick else (10, 2)
+    steps = args.steps if args.steps is not None else steps
+    warmup = args.warmup if args.warmup is not None else warmup
+    results = run_benchmark(
+        configs=args.config,
+        device=args.device,
+        seed=args.seed,
+        steps=steps,
+        warmup=warmup,
+        busy=args.busy,
+        use_torch=not args.no_torch,
+        quick=args.quick,
+        log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
+    )
+    print(format_results(results))
+    if args.json:
+        save_json(args.json, results)
+        print(f"results written to {args.json}")
+    return 0
+
+
 def demo(args: Namespace) -> int:
     """The same rule as every command: a folder holding another run is refused unless
     --overwrite; the demo's own earlier output is replaced (files are swapped atomically)."""
@@ -404,6 +438,6 @@ COMMANDS = {
     "generate": generate,
     "params": params_command,
     "gradcheck": gradcheck_command,
-    "bench": bench_report.run,
+    "bench": bench_command,
     "figures": figures_command,
 }

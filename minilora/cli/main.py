@@ -13,7 +13,7 @@ from minilora.basics.backend import DeviceUnavailableError
 from minilora.basics.blas import check_threads
 from minilora.basics.checks import non_negative_int
 from minilora.basics.version import __version__
-from minilora.lab import bench_report
+from minilora.lab.reference import CONFIGS as BENCH_CONFIGS
 from minilora.training.schedule import LORA_LR
 
 EXIT_USAGE = 2
@@ -276,7 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
         "  minilora bench --quick --no-torch",
     )
     _common(p)
-    bench_report.add_arguments(p)
+    p.add_argument(
+        "--config",
+        action="append",
+        choices=BENCH_CONFIGS,
+        default=None,
+        help="reference configuration, repeatable (default: small and medium on the cpu, "
+        "large on the gpu; tiny with --quick)",
+    )
+    # None: not given, so that --quick can refuse them (the command fills in the defaults)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the results (default: print only)"
+    )
+    p.add_argument(
+        "--busy", action="store_true", help="measure while a helper process keeps a core busy"
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument(
+        "--quick", action="store_true", help="a fast pass: tiny config, 2 steps, 1 warm-up"
+    )
 
     p = sub.add_parser(
         "figures",
@@ -296,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="one figure, repeatable (default: all)",
     )
-    p.add_argument("--out", default="figures", help="output folder (default figures)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default figures; with --quick runs/figures-quick, so that a "
+        "quick run never replaces the committed figures)",
+    )
     p.add_argument(
         "--reuse", action="store_true", help="reuse OUT's saved records where settings match"
     )

@@ -239,7 +239,9 @@ def merge(model: GPT) -> None:
     The weights are kept as they were before the first merge, so unmerge can put them
     back exactly: subtracting ΔW again, fl(fl(W + ΔW) - ΔW), misses W by about one ulp
     of |W| + |ΔW| (1.5e-8 on the demo's float32 base), which would change the base's
-    fingerprint and so which adapters fit it.
+    fingerprint and so which adapters fit it. The copies are kept on the host: on a
+    GPU they would double the merged weights' device memory, which inference after a
+    merge is meant to save.
     """
     require_gpt(model)
     merged, saved = model.merged_adapters, dict(model.premerge_weights)
@@ -247,7 +249,7 @@ def merge(model: GPT) -> None:
         if name not in merged:
             for module in model.adapters[name].modules:
                 W = f"{module}.weight"
-                saved.setdefault(W, model.params[W].copy())
+                saved.setdefault(W, to_host(model.params[W]).copy())  # off the device
             _apply_delta(model, name)
             merged.append(name)
     model.mark_merged(merged, saved)
@@ -257,7 +259,7 @@ def unmerge(model: GPT) -> None:
     """Undo merge: every changed W gets back its value from before the merge, exactly."""
     require_gpt(model)
     for name, W in model.premerge_weights.items():
-        model.params[name][...] = W
+        model.params[name][...] = model.backend.asarray(W)  # the host copy, bit for bit
     model.mark_merged([])
 
 

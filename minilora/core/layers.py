@@ -42,17 +42,22 @@ def as_rows(x: Array) -> Array:
     return x.reshape(-1, x.shape[-1])
 
 
-def linear_forward(x: Array, W: Array, b: Array | None = None) -> tuple[Array, tuple]:
+def linear_forward(
+    x: Array, W: Array, b: Array | None = None, need_dW: bool = True
+) -> tuple[Array, tuple]:
     """y = x W^T + b  (PyTorch's nn.Linear convention), on rows.
 
     x (N..., d_in), W (d_out, d_in), b (d_out,) or None -> y (N..., d_out).
     Cache: x as rows (rows, d_in), W, and the leading shape N... to restore.
+    x is kept only if the backward will form dW = dy^T x (``need_dW``): dx = dy W and
+    db need no x, so a frozen W lets its input be freed, as autograd does.
     """
     x2 = as_rows(x)  # (rows, d_in)
     y = x2 @ W.T  # (rows, d_out)
     if b is not None:
         y += b  # in place: y is a fresh array
-    return y.reshape(*x.shape[:-1], W.shape[0]), (x2, W, b is not None, x.shape[:-1])
+    kept = x2 if need_dW else None
+    return y.reshape(*x.shape[:-1], W.shape[0]), (kept, W, b is not None, x.shape[:-1])
 
 
 def linear_backward(
@@ -64,6 +69,8 @@ def linear_backward(
     A frozen W (need_dW=False) costs one matmul instead of two.
     """
     x2, W, has_bias, lead = cache
+    if need_dW and x2 is None:
+        raise ValueError("dW needs the input x, which the forward did not keep (need_dW=False)")
     dy2 = as_rows(dy)  # (rows, d_out)
     dx = (dy2 @ W).reshape(*lead, W.shape[1])  # (N..., d_in)
     dW = dy2.T @ x2 if need_dW else None  # (d_out, d_in)

@@ -64,24 +64,31 @@ NOT_TARGETS = {"wte": _LOOKUP, "wpe": _LOOKUP, "ln_1": _NORM, "ln_2": _NORM, "ln
 
 # ----------------------------------------------------------------------- the pair
 class LoraCache(NamedTuple):
-    x: Array  # the adapter's input as rows (rows, d_in), before dropout
+    x: Array | None  # the adapter's input as rows (rows, d_in), before dropout; for dA only
     A: Array
     B: Array
     scale: float
     mask: Array | None  # the dropout multiplier as rows; None in eval or for p = 0
-    u: Array  # D(x) A^T (rows, r): the low-rank activation
+    u: Array | None  # D(x) A^T (rows, r): the low-rank activation; for dB only
     lead: tuple  # the leading shape N... of x, restored on dx
 
 
 def lora_forward(
-    x: Array, A: Array, B: Array, scale: float, mask: Array | None = None
+    x: Array,
+    A: Array,
+    B: Array,
+    scale: float,
+    mask: Array | None = None,
+    need_dA: bool = True,
+    need_dB: bool = True,
 ) -> tuple[Array, LoraCache]:
     """The adapter branch: delta_h = s * (D(x) A^T) B^T, on rows.
 
     x (N..., d_in), A (r, d_in), B (d_out, r), mask (N..., d_in) or None.
-    Returns delta_h (N..., d_out). Cache: x and mask as rows, A, B, s, u = D(x) A^T.
-    ``scale`` becomes a Python float: a NumPy float64 scalar would promote float32
-    activations and gradients to float64.
+    Returns delta_h (N..., d_out). Cache: x and mask as rows, A, B, s, u = D(x) A^T;
+    x only if the backward will form dA = du^T D(x) (``need_dA``), u only if it will
+    form dB = s dh^T u (``need_dB``): dx needs neither. ``scale`` becomes a Python
+    float: a NumPy float64 scalar would promote float32 activations and gradients.
     """
     scale = real("scale", scale)
     x2 = as_rows(x)  # (rows, d_in)
@@ -89,7 +96,9 @@ def lora_forward(
     xd, _ = dropout_forward(x2, mask2)  # D(x)              (rows, d_in)
     u = xd @ A.T  # (rows, r)
     delta_h = (scale * u) @ B.T  # s on u: (rows, r) is cheaper to scale than (rows, d_out)
-    cache = LoraCache(x2, A, B, scale, mask2, u, x.shape[:-1])
+    cache = LoraCache(
+        x2 if need_dA else None, A, B, scale, mask2, u if need_dB else None, x.shape[:-1]
+    )
     return delta_h.reshape(*x.shape[:-1], B.shape[0]), cache
 
 
@@ -101,6 +110,8 @@ def lora_backward(
     dh (N..., d_out) -> the adapter's part of dx (N..., d_in), dA (r, d_in), dB (d_out, r).
     """
     x2, A, B, scale, mask2, u, lead = cache
+    if (need_dA and x2 is None) or (need_dB and u is None):
+        raise ValueError("dA needs x and dB needs u, which the forward kept only if asked")
     dh2 = as_rows(dh)  # (rows, d_out)
     # forward: delta_h = s * u B^T           ->  dB = s * dh^T u          (d_out, r)
     dB = scale * (dh2.T @ u) if need_dB else None
@@ -126,7 +137,12 @@ class LoraBranch(NamedTuple):
 
 
 def lora_linear_forward(
-    x: Array, W: Array, b: Array | None, branches: Sequence[LoraBranch] = ()
+    x: Array,
+    W: Array,
+    b: Array | None,
+    branches: Sequence[LoraBranch] = (),
+    need_dW: bool = True,
+    need_dAB: Sequence[tuple[bool, bool]] | None = None,
 ) -> tuple[Array, tuple]:
     """The whole LoRA layer: h = x W^T + b + sum_j s_j (D_j(x) A_j^T) B_j^T.
 
@@ -134,11 +150,15 @@ def lora_linear_forward(
     updates add); none is the plain linear. The base and each branch are terms of a
     sum, so the forward adds the pairs' outputs and the backward adds their dx.
     x (N..., d_in), W (d_out, d_in), b (d_out,) or None -> h (N..., d_out).
+    ``need_dW`` and ``need_dAB`` (per branch, default all) are the flags the backward
+    will get: the caches keep only what those gradients use. Under LoRA a frozen
+    linear without an adapter keeps nothing of x.
     """
-    h, base_cache = linear_forward(x, W, b)
+    h, base_cache = linear_forward(x, W, b, need_dW=need_dW)
+    need_dAB = [(True, True)] * len(branches) if need_dAB is None else need_dAB
     lora_caches = []
-    for A, B, scale, mask in branches:
-        delta_h, lora_cache = lora_forward(x, A, B, scale, mask)
+    for (A, B, scale, mask), (need_dA, need_dB) in zip(branches, need_dAB, strict=True):
+        delta_h, lora_cache = lora_forward(x, A, B, scale, mask, need_dA, need_dB)
         h += delta_h  # in place: h is the fresh output of linear_forward
         lora_caches.append(lora_cache)
     return h, (base_cache, lora_caches)

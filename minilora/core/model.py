@@ -13,7 +13,9 @@ before any adapter is added): the layer that is taught and gradient-checked.
 
 All parameters live in one flat dict, ``model.params``, under GPT-2's dotted names
 (docs/DESIGN.md, "Parameter names"). ``model.grads`` has the same keys, trainable only: a
-frozen parameter never gets a gradient buffer.
+frozen parameter never gets a gradient buffer. The forward caches only what the
+backward will use, given what is trainable: a frozen linear without an adapter keeps
+no input (dx = dh W needs none), as PyTorch's autograd.
 
 Adapter state has one owner: the model. Which adapters exist, which are active and
 which are merged into W is read on every forward, so it lives next to the parameters
@@ -225,7 +227,7 @@ class GPT:
         self._adapters: dict[str, Adapter] = {}  # the adapter state: see the module docstring
         self._active: list[str] = []
         self._merged: list[str] = []
-        self._premerge: dict[str, Array] = {}  # weights before merge, put back by unmerge
+        self._premerge: dict[str, Array] = {}  # host copies of W before merge, for unmerge
         self.rng = self.backend.rng(seed)  # dropout masks
         self.training = True  # dropout on; see train() and eval()
         self._cache: ModelCache | None = None
@@ -338,8 +340,8 @@ class GPT:
 
     def mark_merged(self, names: list[str], saved: Mapping[str, Array] | None = None) -> None:
         """Record which active adapters are inside W (merge / unmerge change W itself),
-        and the weights as they were before the first merge (``saved``: name -> copy),
-        which unmerge puts back."""
+        and the weights as they were before the first merge (``saved``: name -> a host
+        copy, off the device), which unmerge puts back."""
         if any(n not in self._active for n in names):
             raise ValueError(f"only active adapters {self._active} can be merged, not {names}")
         self._merged = list(names)
@@ -390,13 +392,17 @@ class GPT:
         """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer)."""
         p = self.params
         live = self._live_adapters(module)
-        branches = []
+        branches, need_dAB = [], []
         for name in live:
             config = self._adapters[name].config
             mask = dropout_mask(x.shape, config.dropout, self.rng, self.dtype) if train else None
             A_name, B_name = lora_names(module, name)
             branches.append(LoraBranch(p[A_name], p[B_name], config.scale, mask))
-        h, cache = lora_linear_forward(x, p[f"{module}.weight"], p[f"{module}.bias"], branches)
+            need_dAB.append((self.is_trainable(A_name), self.is_trainable(B_name)))
+        W, b = p[f"{module}.weight"], p[f"{module}.bias"]
+        # cache only what the backward will use: a frozen W needs no x (dx = dh W)
+        need_dW = self.is_trainable(f"{module}.weight")
+        h, cache = lora_linear_forward(x, W, b, branches, need_dW, need_dAB)
         return h, (module, live, cache)
 
     def _dropout(self, x: Array, train: bool) -> tuple[Array, Array | None]:
@@ -438,7 +444,8 @@ class GPT:
             x, c_block = self._block_forward(i, x, train)
             c_blocks.append(c_block)
         lnf, c_lnf = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
-        logits, c_head = linear_forward(lnf, p["wte.weight"])  # tied head: lnf wte^T (B, T, V)
+        # tied head: lnf wte^T (B, T, V); lnf is kept only if wte trains
+        logits, c_head = linear_forward(lnf, p["wte.weight"], None, self.is_trainable("wte.weight"))
         return logits, (c_tok, c_pos, c_embdrop, c_blocks, c_lnf, c_head)
 
     def forward(self, idx: Any) -> Array:

@@ -56,6 +56,11 @@ class Optimizer:
     def zero_grad(self) -> None:
         self.model.grads = {}
 
+    def memory_bytes(self) -> int:
+        """Bytes the optimizer holds between steps: its state and its work arrays."""
+        arrays = [a for slots in self.state.values() for a in slots.values()]
+        return int(sum(a.nbytes for a in [*arrays, *self._scratch.values()]))
+
     def _decays(self, name: str) -> bool:
         """Decay matrices only (embeddings, weights, LoRA A and B), never biases or norms."""
         return self.weight_decay > 0 and self.model.params[name].ndim >= 2

@@ -89,6 +89,35 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
+def check_writable_file(path: PathLike) -> None:
+    """Refuse now, naming ``path``, a file :func:`atomic_write_bytes` could not write later.
+
+    For outputs written after long work: the folder must be (or be creatable under) a
+    writable folder, and ``path`` not a folder. Where the folder exists, a probe file is
+    created and removed there, the one test that no permission bit or file system fools.
+    Nothing else is created.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing ancestor
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: cannot be written, {folder} is not a folder")
+    if folder != path.parent:  # the folders will be created: the ancestor must allow it
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: cannot be written, {folder} is not writable")
+        return
+    probe = folder / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # atomic_write_bytes' name
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be written ({err.strerror})") from None
+    probe.unlink()
+
+
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # atomic_write_bytes' temporary names
 
 

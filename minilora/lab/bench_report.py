@@ -1,14 +1,15 @@
-"""``minilora bench``: the command line and the text table of bench.py's results."""
+"""The text table of bench.py's results: formatting only (the command is in cli/)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import textwrap
 from typing import Any
 
-from minilora.files.io import save_json
-from minilora.lab.bench import CONFIGS, FLOP_COUNT, MB, MODES, SETTLE_S, run_benchmark
+from minilora.lab.bench import SETTLE_S
+from minilora.lab.flops import FLOP_COUNT
+from minilora.lab.reference import MODES
+
+MB = 1e6  # decimal megabytes, as params.human_bytes
 
 
 # ---------------------------------------------------------------------- the table
@@ -116,12 +117,28 @@ def _memory_lines(mem: dict[str, Any]) -> list[str]:
             _mb(lora_["predicted"]["total"]),
         ]
     )
+    rows.append(
+        [
+            "  estimate error",
+            "",
+            f"{_error(full['predicted']['total'], full['peak'])}",
+            "",
+            f"{_error(lora_['predicted']['total'], lora_['peak'])}",
+        ]
+    )
     s = mem["saving"]
     return _table(rows, "<>>>>") + [
         f"LoRA saves {_mb(s['measured'])} MB of gradients + optimizer state: "
         f"{100 * s['fraction']:.1f}% of the theoretical {_mb(s['theoretical'])} MB "
-        f"(peak: {_mb(s['peak'])} MB lower)"
+        f"(peak: {_mb(s['peak'])} MB lower)",
+        f"activations of a step: LoRA {_mb(lora_['activations'])} MB, full "
+        f"{_mb(full['activations'])} MB (a frozen linear without an adapter keeps no input)",
     ]
+
+
+def _error(predicted: float, measured: float) -> str:
+    """The estimate's error relative to the measurement, in percent."""
+    return f"{100 * (predicted - measured) / measured:+.1f}%"
 
 
 def _ops_lines(ops: dict[str, Any]) -> list[str]:
@@ -175,10 +192,13 @@ def format_results(results: dict[str, Any]) -> str:
     blas = meta["blas"]
     threads = f"{blas['threads']} threads" if blas.get("threads") else blas.get("device", "")
     lib = f"NumPy {meta['numpy']}" + (f", CuPy {meta['cupy']}" if meta.get("cupy") else "")
+    machine = meta["machine"]
+    kernel = f", kernel {blas['architecture']}" if blas.get("architecture") else ""
     lines = [
         f"minilora bench  {meta['date']}  device {meta['device']}, "
-        f"{meta['machine']['usable_cores']} cores",
-        f"{lib}, BLAS {blas['library']}, {threads} ({blas['source']})",
+        f"{machine['usable_cores']} of {machine['cpu_count']} cores usable",
+        f"CPU {machine.get('cpu_model', machine['processor'])}",
+        f"{lib}, BLAS {blas['library']}{kernel}, {threads} ({blas['source']})",
         f"PyTorch {meta['torch'] or 'not installed'}, Python {meta['python']}",
         f"{s['dtype']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']:g} on "
         f"{','.join(s['lora']['target_modules'])}, {s['optimizer']}",
@@ -202,75 +222,3 @@ def format_results(results: dict[str, Any]) -> str:
         "model's own lines (gradient sums, embedding add, id checks)."
     )
     return "\n".join(lines + textwrap.wrap(notes, 100))
-
-
-# ------------------------------------------------------------------- command line
-def _add_once(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
-    """Add an option unless the parser has it already (cli.py's shared --device, --seed)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``minilora bench`` (and of benchmarks/bench.py)."""
-    parser.add_argument(
-        "--config",
-        action="append",
-        choices=CONFIGS,
-        default=None,
-        help="reference configuration, repeatable (default: small and medium on the cpu, "
-        "large on the gpu; tiny with --quick)",
-    )
-    _add_once(
-        parser,
-        "--device",
-        choices=("cpu", "gpu"),
-        default=None,
-        help="cpu (NumPy) or gpu (CuPy); default $MINILORA_DEVICE or cpu",
-    )
-    _add_once(parser, "--seed", type=int, default=0, help="random seed (default 0)")
-    # None: not given, so that --quick can refuse them (run() fills in the defaults)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
-    parser.add_argument(
-        "--json", default=None, metavar="PATH", help="also write the results (default: print only)"
-    )
-    parser.add_argument(
-        "--busy", action="store_true", help="measure while a helper process keeps a core busy"
-    )
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument(
-        "--quick", action="store_true", help="a fast pass: tiny config, 2 steps, 1 warm-up"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """``minilora bench``: measure, print the table, write --json if asked."""
-    counts = {name: getattr(args, name) for name in ("steps", "warmup")}
-    given = [f"--{name} {value}" for name, value in counts.items() if value is not None]
-    if args.quick and given:
-        raise ValueError(
-            f"--quick times 2 steps after 1 warm-up step, so {' and '.join(given)} would be "
-            "ignored; give --quick or the counts"
-        )
-    steps, warmup = (2, 1) if args.quick else (10, 2)
-    steps = args.steps if args.steps is not None else steps
-    warmup = args.warmup if args.warmup is not None else warmup
-    results = run_benchmark(
-        configs=args.config,
-        device=args.device,
-        seed=args.seed,
-        steps=steps,
-        warmup=warmup,
-        busy=args.busy,
-        use_torch=not args.no_torch,
-        quick=args.quick,
-        log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
-    )
-    print(format_results(results))
-    if args.json:
-        save_json(args.json, results)
-        print(f"results written to {args.json}")
-    return 0

@@ -12,13 +12,15 @@ imported only inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from minilora.basics.backend import to_host
+from minilora.core.model import GPT
 from minilora.core.optim import ADAMW_DEFAULTS
 
 Tensor = Any  # a torch.Tensor (torch is imported lazily)
@@ -157,3 +159,39 @@ def torch_training_step(
         return float(loss.detach())
 
     return step, sd
+
+
+# ------------------------------------------------------------ the comparison
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Give PyTorch the BLAS's thread count for the block, then restore its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_logit_difference(model: GPT, idx: Any) -> float:
+    """max |logits(minilora) - logits(torch_reference)| for the same weights and ids.
+
+    Checks that the PyTorch model being timed is the same model (float32 rounding only).
+    """
+    import torch
+
+    state = model.state_dict()
+    sd = to_torch_state(state)
+    adapters = model.active_adapters
+    lora = None
+    if adapters:
+        scale = model.adapters[adapters[0]].config.scale
+        lora = lora_branches(sd, scale, adapters[0])
+    with torch.no_grad():
+        ids = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        ref = torch_forward(sd, model.config, ids, lora).numpy()
+    ours = to_host(model.forward(idx)).astype(np.float64)
+    return float(np.max(np.abs(ours - ref)))

@@ -22,13 +22,8 @@ from minilora.basics.checks import distinct_names, positive_int, positive_real
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPT
 from minilora.core.tokenizer import CharTokenizer
-from minilora.training.data import (
-    EVAL_SEED_OFFSET,
-    Batch,
-    PretrainTask,
-    SeedLike,
-    lm_windows,
-)
+from minilora.training.batches import EVAL_SEED_OFFSET, Batch, SeedLike, lm_windows
+from minilora.training.data import PretrainTask
 
 
 class PlantedRankTask:

@@ -34,7 +34,7 @@ from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
 from minilora.core.model import GPT
 from minilora.core.optim import AdamW
 from minilora.core.params import activation_bytes
-from minilora.training.data import Batch, answer_accuracy
+from minilora.training.batches import Batch, answer_accuracy
 from minilora.training.runfolder import LATEST, RunFolder, checkpoint_name
 from minilora.training.schedule import (
     RESULT_FIELDS,

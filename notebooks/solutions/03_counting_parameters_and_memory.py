@@ -15,7 +15,7 @@ def lora_parameter_count(n_layer, d_model, r, targets):
 
 
 def training_memory(config, r, targets, bytes_per_param):
-    """weights + gradients + AdamW's two moments + activations, in bytes."""
+    """weights + gradients + AdamW's state + activations, in bytes."""
     c = config
     base = params.count_architecture(
         c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
@@ -24,5 +24,10 @@ def training_memory(config, r, targets, bytes_per_param):
     trainable = base if r is None else lora  # full fine-tuning trains everything
     weights = (base + lora) * bytes_per_param  # the adapters are stored too
     gradients = trainable * bytes_per_param
-    optimizer = trainable * 2 * bytes_per_param  # m and v, in the parameters' dtype
-    return weights + gradients + optimizer + params.activation_bytes(c, bytes_per_param)
+    optimizer = trainable * 3 * bytes_per_param  # m, v and AdamW's work array
+    return (
+        weights
+        + gradients
+        + optimizer
+        + params.step_activation_bytes(c, r, targets, bytes_per_param)
+    )

@@ -108,8 +108,8 @@ def _memory(config, r, targets, bpp, grads_all=False, adam=None, adapters=True, 
     trainable = base if r is None else lora
     stored = base + (lora if adapters else 0)
     gradients = (stored if grads_all else trainable) * bpp
-    activations = params.activation_bytes(c, bpp) if acts else 0
-    adam = 2 * bpp if adam is None else adam  # bytes of AdamW state per trainable parameter
+    activations = params.step_activation_bytes(c, r, targets, bpp) if acts else 0
+    adam = 3 * bpp if adam is None else adam  # AdamW's m, v and work array, per parameter
     return stored * bpp + gradients + adam * trainable + activations
 
 
@@ -141,8 +141,9 @@ Estimate the memory of one training step with AdamW, in bytes:
     total = weights + gradients + optimizer state + activations
     weights      = (base + LoRA parameters) * bytes_per_param   (every stored parameter)
     gradients    = trainable parameters * bytes_per_param
-    optimizer    = trainable parameters * 2 * bytes_per_param   (AdamW's moments m and v)
-    activations  = params.activation_bytes(config, bytes_per_param)
+    optimizer    = trainable parameters * 3 * bytes_per_param   (AdamW's m and v, and the
+                   one work array its update uses)
+    activations  = params.step_activation_bytes(config, r, targets, bytes_per_param)
 
 config is a dict like params.preset("small"); r is the LoRA rank, or None for full
 fine-tuning (then every base parameter is trainable and there are no adapters).
@@ -159,7 +160,7 @@ params.lora_parameter_count(n_layer, d_model, r, targets).""",
             ),
             Mistake(
                 "AdamW's two moments are arrays like the parameters: "
-                "2 * bytes_per_param per trainable parameter, not a fixed 8 bytes",
+                "2 * bytes_per_param per trainable parameter (plus one work array), not a fixed 8 bytes",
                 lambda c, r, t, b: _memory(c, r, t, b, adam=8),
             ),
             Mistake(
