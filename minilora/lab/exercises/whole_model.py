@@ -159,8 +159,8 @@ params.lora_parameter_count(n_layer, d_model, r, targets).""",
                 lambda c, r, t, b: _memory(c, r, t, b, grads_all=True),
             ),
             Mistake(
-                "AdamW's two moments are arrays like the parameters: "
-                "2 * bytes_per_param per trainable parameter (plus one work array), not a fixed 8 bytes",
+                "AdamW's two moments are arrays like the parameters: 2 * bytes_per_param "
+                "per trainable parameter (plus one work array), not a fixed 8 bytes",
                 lambda c, r, t, b: _memory(c, r, t, b, adam=8),
             ),
             Mistake(
