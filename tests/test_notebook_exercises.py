@@ -99,8 +99,11 @@ def test_the_filled_notebook_is_cut_to_setup_exercises_and_checks():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_with_the_solutions_filled_in_every_check_passes(path):
+    names = _exercises(nbformat.read(path, as_version=4))
+    if not names:
+        pytest.skip(f"{path.name} has no exercise cells yet")
     nb, _ = execute_filled(path)
     results = check_results(nb)
-    assert [name for name, _, _ in results] == _exercises(nbformat.read(path, as_version=4))
+    assert [name for name, _, _ in results] == names
     failed = [text for _, passed, text in results if passed is not True]
     assert not failed, "\n\n".join(failed)
