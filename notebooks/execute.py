@@ -2,16 +2,30 @@
 
     python notebooks/execute.py                  # every notebook, in place
     python notebooks/execute.py 01_lora_in_one_layer.ipynb
+    python notebooks/execute.py --filled 01_lora_in_one_layer.ipynb   # the exercises solved
 
 Each notebook runs in a fresh Python kernel from the notebooks/ folder, so what it
 prints is what a reader gets from the committed code. The run time of each is printed
 (the target is about 90 s on 2 cores). tests/test_notebooks.py runs the same function
 and checks that every number the prose quotes (written in bold, like **0.115**) is
 printed by the notebook's own outputs.
+
+Exercises. A cell tagged ``exercise`` is a stub the learner fills in: it defines one
+function named after its exercise (``def lora_forward(...)``) that raises
+NotImplementedError. The cell tagged ``check`` after it ends with
+``ml.exercises.check("lora_forward", lora_forward)``, whose last line of output is the
+result, ``Result('lora_forward', passed=False)``. ``--filled`` (``execute_filled``) runs
+a cheap copy of a notebook: only its ``setup`` cells (the first code cell when none is
+tagged), its exercise cells, each replaced by the worked solution from
+notebooks/solutions/, and its check cells; it writes nothing. tests/test_notebook_exercises.py
+requires every check to pass there, and to say "not implemented yet" in the committed
+notebook.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import re
 import sys
 import time
@@ -21,6 +35,9 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+SOLUTIONS = HERE / "solutions"
+RESULT = re.compile(r"Result\('(\w+)', passed=(True|False)\)")
+"""The last line a check cell shows: the repr of what ``ml.exercises.check`` returned."""
 QUOTED = re.compile(r"\*\*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?%?)\*\*")
 """A number the prose quotes from the outputs: bold, like **0.115**, **98.8%** or **4,096**."""
 
@@ -39,15 +56,87 @@ def execute(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, floa
     return nb, time.perf_counter() - start
 
 
+def tagged(cell: nbformat.NotebookNode, tag: str) -> bool:
+    return tag in cell.get("metadata", {}).get("tags", [])
+
+
+def exercise_name(cell: nbformat.NotebookNode) -> str:
+    """The exercise an ``exercise`` cell is the stub of: the one function it defines."""
+    names = [n.name for n in ast.parse(cell.source).body if isinstance(n, ast.FunctionDef)]
+    if len(names) != 1:
+        raise ValueError(f"an exercise cell defines one function, this one {names}:\n{cell.source}")
+    return names[0]
+
+
+def solution_source(notebook: Path, name: str) -> str:
+    """The worked solution of exercise ``name`` as a learner would type it into the cell:
+    the top-level imports and constants of notebooks/solutions/<notebook>.py, then the
+    function itself."""
+    path = SOLUTIONS / f"{Path(notebook).stem}.py"
+    text = path.read_text()
+    body = ast.parse(text).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the module docstring
+    preamble = [ast.get_source_segment(text, n) for n in body if not isinstance(n, ast.FunctionDef)]
+    functions = [n for n in body if isinstance(n, ast.FunctionDef) and n.name == name]
+    if not functions:
+        raise ValueError(f"{path} defines no function {name!r}")
+    return "\n".join([*preamble, "", ast.get_source_segment(text, functions[0])]).strip() + "\n"
+
+
+def filled(path: Path) -> nbformat.NotebookNode:
+    """The notebook cut to its setup, exercise and check cells, the exercises solved."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    setup = [c for c in code if tagged(c, "setup")] or code[:1]
+    keep = []
+    for cell in code:
+        if tagged(cell, "exercise"):
+            cell = copy.deepcopy(cell)
+            cell.source = solution_source(path, exercise_name(cell))
+        elif not (tagged(cell, "check") or any(cell is c for c in setup)):
+            continue
+        keep.append(cell)
+    nb.cells = keep
+    return nb
+
+
+def execute_filled(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, float]:
+    """Run :func:`filled` in a fresh kernel; returns the notebook with outputs and the seconds."""
+    nb = filled(path)
+    start = time.perf_counter()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+    ).execute()
+    return nb, time.perf_counter() - start
+
+
+def check_results(nb: nbformat.NotebookNode) -> list[tuple[str, bool | None, str]]:
+    """(exercise, passed, what it printed) for every check cell, in order; passed is
+    None when the cell shows no result line."""
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and tagged(cell, "check"):
+            text = cell_text(cell)
+            m = RESULT.findall(text)
+            name, passed = m[-1] if m else (None, None)
+            found.append((name, None if passed is None else passed == "True", text))
+    return found
+
+
+def cell_text(cell: nbformat.NotebookNode) -> str:
+    """Everything one code cell printed or displayed as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if "text" in out:
+            parts.append(out["text"])
+        parts.append(out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
 def output_text(nb: nbformat.NotebookNode) -> str:
     """Everything the code cells printed or displayed as text."""
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if "text" in out:
-                parts.append(out["text"])
-            parts.append(out.get("data", {}).get("text/plain", ""))
-    return "\n".join(parts)
+    return "\n".join(cell_text(cell) for cell in nb.cells)
 
 
 def quoted_numbers(nb: nbformat.NotebookNode) -> list[str]:
@@ -64,7 +153,17 @@ def missing_quotes(nb: nbformat.NotebookNode) -> list[str]:
 
 
 if __name__ == "__main__":
-    chosen = [HERE / name for name in sys.argv[1:]] or notebooks()
+    args = sys.argv[1:]
+    if args[:1] == ["--filled"]:  # the exercises solved: print each check's verdict
+        failed = 0
+        for path in [HERE / name for name in args[1:]] or notebooks():
+            nb, seconds = execute_filled(path)
+            results = check_results(nb)
+            failed += sum(passed is not True for _, passed, _ in results)
+            verdicts = ", ".join(f"{n}: {'passed' if ok else 'FAILED'}" for n, ok, _ in results)
+            print(f"{path.name} (filled): {seconds:.1f} s; {verdicts or 'no exercises'}")
+        sys.exit(1 if failed else 0)
+    chosen = [HERE / name for name in args] or notebooks()
     for path in chosen:
         nb, seconds = execute(path)
         nbformat.write(nb, path)
