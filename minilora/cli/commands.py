@@ -1,4 +1,4 @@
-"""What each ``minilora`` command does (cli.py parses the arguments)."""
+"""What each ``minilora`` command does (cli/main.py parses the arguments)."""
 
 from __future__ import annotations
 

@@ -35,11 +35,8 @@ from minilora.files.checkpoints import load_base
 from minilora.lab.memory import measure_memory
 from minilora.lab.reference import build_model, make_batch, reference_config
 from minilora.lab.runs import (
-    FULL_LR,
-    LORA_LR,
     PLANTED_BLOCK,
     PLANTED_RANK,
-    POOL_SEED,
     TASK_DEFAULTS,
     Record,
     adapt,
@@ -48,15 +45,12 @@ from minilora.lab.runs import (
     train_run,
 )
 from minilora.lab.sweep import run_sweep
+from minilora.training.schedule import LORA_LR
 from minilora.training.train import TrainConfig, Trainer
 
 __all__ = [  # one training run lives in runs.py; the tests and notebooks reach it from here
-    "FULL_LR",
-    "LORA_LR",
     "PLANTED_BLOCK",
     "PLANTED_RANK",
-    "POOL_SEED",
-    "TASK_DEFAULTS",
     "train_run",
 ]
 
