@@ -1,4 +1,4 @@
-"""Tests for minilora.data: tokenizer, batches, built-in tasks, text files, accuracy."""
+"""Tests for the data of minilora.training (batches, data, textfile) and the tokenizer."""
 
 from __future__ import annotations
 
@@ -8,25 +8,27 @@ import re
 import numpy as np
 import pytest
 
+from minilora.core.layers import IGNORE_INDEX
 from minilora.core.tokenizer import DEFAULT_CHARS, CharTokenizer
-from minilora.training.data import (
+from minilora.training.batches import (
     EVAL_SEED_OFFSET,
-    IGNORE_INDEX,
-    TASKS,
     Batch,
     Example,
+    answer_accuracy,
+    encode_examples,
+    lm_windows,
+)
+from minilora.training.data import (
+    TASKS,
     PretrainTask,
     RotTask,
     ShiftTask,
-    TextFileTask,
-    answer_accuracy,
-    encode_examples,
     get_task,
     is_heldout,
-    lm_windows,
     rot_word,
     shift_word,
 )
+from minilora.training.textfile import TextFileTask
 
 TOK = CharTokenizer.default()
 

@@ -31,7 +31,6 @@ from typing import Protocol
 import numpy as np
 
 from minilora.basics.checks import integer, non_negative_int, positive_int
-from minilora.core.layers import IGNORE_INDEX
 from minilora.core.tokenizer import CharTokenizer
 from minilora.training.batches import (
     EVAL_SEED_OFFSET,
@@ -40,27 +39,12 @@ from minilora.training.batches import (
     Batch,
     Example,
     SeedLike,
-    answer_accuracy,
     as_rng,
     check_split,
     encode_examples,
     lm_windows,
 )
 from minilora.training.textfile import TextFileTask
-
-__all__ = [  # batches.py's and textfile.py's names, still importable from here
-    "EVAL_SEED_OFFSET",
-    "IGNORE_INDEX",
-    "PAD",
-    "TERMINATOR",
-    "Batch",
-    "Example",
-    "SeedLike",
-    "TextFileTask",
-    "answer_accuracy",
-    "encode_examples",
-    "lm_windows",
-]
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
