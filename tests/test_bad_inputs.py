@@ -3,7 +3,7 @@
 Every case prepares files under ``tmp_path`` (a tiny base model, an adapter, finished or
 edited runs, a sentinel folder ``victim`` next to the run folder), then runs
 ``minilora.cli.main.main`` in-process and asserts what the CLI promises (README, "The command
-line"; issue 8):
+line"):
 
 - exit status 2 (argparse's errors too);
 - stderr is exactly one line, ``minilora <command>: error: ...``, and no "Traceback"
@@ -345,7 +345,7 @@ FINISHED_RUN = _after_run(lambda ctx: None)
 RESUME = [*FT, *RUN2, "--resume"]
 FRESH = [*FT, *RUN2]
 
-# ---- issue 20, the command line: contradictions, late checks, messages (cli branch)
+# ---- the command line: contradictions, late checks, messages
 DEMO = ["demo", "--steps", "1", "--quiet", "--out", "{out}"]
 
 
@@ -798,7 +798,7 @@ CASES = [
         new_files_in_out=True,
     ),
     *CLI_CASES_ISSUE_20,
-    # ---- lab (issue 15/20): outputs checked before the work, files named
+    # ---- lab: outputs checked before the work, files named
     Case(
         "bench_json_in_proc",
         ["bench", "--quick", "--no-torch", "--json", "/proc/x.json"],

@@ -135,7 +135,7 @@ def test_python_dash_m_entry_point():
     assert json.loads(result.stdout)["preset"] == "tiny"
 
 
-# ---- issue 20, the command line (cli branch): help, version, derived sizes, the demo's folder
+# ---- the command line: help, version, derived sizes, the demo's folder
 def _options(parser):
     """(command, option, action) of every option of every command."""
     import argparse

@@ -1,4 +1,4 @@
-"""Runs never delete the user's files (issue 20, "Data loss" 1, 3, 4 and 5).
+"""Runs never delete the user's files.
 
 Each case prepares a folder under ``tmp_path`` (a tiny base, a finished run, the user's
 own files next to and inside it), runs ``minilora`` in-process, and compares the whole

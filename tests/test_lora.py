@@ -567,7 +567,7 @@ def test_adapter_on_a_different_base_is_refused(tiny_config, tmp_path):
         ml.load_adapter(ml.GPT(other, seed=1), tmp_path / "ad")
 
 
-# ------------------------------------------------------- issue 15 and 20 mends
+# --------------------------- PiSSA delete, the scale's dtype, deleting the active adapter
 def test_pissa_delete_gives_W_back_bit_for_bit(tiny_config, tmp_path):
     """Adding and deleting a PiSSA adapter leaves every W as it was, bit for bit, so the
     base's fingerprint is unchanged and an adapter saved on that base still loads."""

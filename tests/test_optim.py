@@ -322,7 +322,7 @@ def test_an_adapter_added_again_under_the_same_name_starts_with_fresh_moments():
         np.testing.assert_array_equal(after_old[n], model.params[n], err_msg=n)
 
 
-# ------------------------------------------------------- issue 15 and 20 mends
+# ------------------------------- state validation, re-added adapters, work arrays, decay
 def trained_adamw(model, steps=2):
     opt = ml.AdamW(model, lr=1e-2)
     for step in range(steps):

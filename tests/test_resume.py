@@ -1,5 +1,4 @@
-"""--resume continues the same run or refuses (issue 20, "Silent wrong results" and
-"The rest"; issue 15, device and dtype).
+"""--resume continues the same run or refuses what would make it another one.
 
 - a text file edited since the run started is another run (its content's hash is a
   setting, not only its path);
