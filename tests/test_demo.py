@@ -38,3 +38,14 @@ def test_demo_lora_learns_the_new_rule(capsys, tmp_path):
     _, lora_char, lora_exact = result_row(out, "LoRA  ")
     assert base_exact <= 0.05
     assert lora_exact >= 0.9 and lora_char >= 0.95
+
+
+def test_demo_footer_names_the_blas_kernel_and_threads(capsys, tmp_path):
+    """Section 5's digits depend on the BLAS kernel and thread count: the footer says which."""
+    from minilora.basics.blas import blas_libraries
+
+    code = main(["demo", "--quiet", "--steps", "2", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    kernel = blas_libraries()[0]["kernel"]
+    assert f" {kernel} kernel, 1 thread; another BLAS kernel" in out
