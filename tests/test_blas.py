@@ -49,3 +49,25 @@ def test_a_run_records_its_thread_count_and_resume_reuses_it(tmp_path):
     other = first.blas_threads % 2 + 1
     with pytest.raises(ValueError, match=f"blas_threads {first.blas_threads} -> {other}"):
         Trainer(ml.GPT(gpt), ShiftTask(), cfg, tmp_path, False, threads=other).run(resume=True)
+
+
+def test_summary_names_the_kernel_and_the_threads(monkeypatch):
+    """The kernel (chosen per CPU type) changes float32 rounding as much as the thread
+    count does, so a printed result names both (issue 20: the demo's numbers)."""
+    fake = {"user_api": "blas", "internal_api": "openblas", "num_threads": 2}
+    fake |= {"version": "0.3.31.188.0", "architecture": "SkylakeX"}
+    monkeypatch.setattr(blas, "threadpool_info", lambda: [fake])
+    assert blas.blas_libraries()[0]["kernel"] == "SkylakeX"
+    line = blas.summary(1)
+    assert line.endswith(", OpenBLAS 0.3.31 SkylakeX kernel, 1 thread")
+    assert line.startswith("NumPy ") and blas.summary().endswith("kernel, 2 threads")
+
+
+def test_summary_reads_the_loaded_library():
+    from threadpoolctl import threadpool_info
+
+    info = next(i for i in threadpool_info() if i.get("user_api") == "blas")
+    with blas.limited_threads(1):
+        line = blas.summary()
+    kernel = info.get("architecture")  # OpenBLAS names it; MKL does not
+    assert line.endswith(f" {kernel} kernel, 1 thread" if kernel else ", 1 thread")

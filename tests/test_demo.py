@@ -38,3 +38,17 @@ def test_demo_lora_learns_the_new_rule(capsys, tmp_path):
     _, lora_char, lora_exact = result_row(out, "LoRA  ")
     assert base_exact <= 0.05
     assert lora_exact >= 0.9 and lora_char >= 0.95
+
+
+def test_demo_footer_names_the_blas_kernel_and_threads(capsys, tmp_path):
+    """Section 5's digits depend on the BLAS kernel and thread count: the footer says which."""
+    from threadpoolctl import threadpool_info
+
+    code = main(["demo", "--quiet", "--steps", "2", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    kernel = blas.get("architecture")  # OpenBLAS says; MKL does not
+    if kernel is None:
+        pytest.skip("the BLAS library does not name its kernel")
+    assert f" {kernel} kernel, 1 thread; another BLAS kernel" in out

@@ -9,7 +9,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
-from execute import execute, missing_quotes, notebooks  # noqa: E402
+from execute import execute, missing_quotes, notebooks, quoted_numbers  # noqa: E402
 
 PATHS = notebooks()
 
@@ -29,10 +29,37 @@ def test_committed_outputs_back_every_quoted_number(path):
     assert missing_quotes(nb) == []
 
 
+def _notebook(prose, printed):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("...")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=printed)]
+    nb.cells = [cell, nbformat.v4.new_markdown_cell(prose)]
+    return nb
+
+
+def test_a_quoted_range_needs_a_printed_value_inside_it():
+    """Issue 20: training outcomes move with the BLAS kernel, so the prose quotes them as
+    ranges; the check must fail when the value printed before the range falls outside."""
+    prose = "LoRA gets **85% to 100%** exact answers, loss **0.15 to 0.35**; **32** arrays."
+    inside = "32 arrays\nr=8: exact 94.9% (any kernel: 85% to 100%), loss 0.245 (0.15 to 0.35)\n"
+    assert missing_quotes(_notebook(prose, inside)) == []
+    assert quoted_numbers(_notebook(prose, inside)) == ["32"]  # a range is not a number
+    outside = inside.replace("94.9%", "80.1%").replace("0.245", "0.412")
+    assert missing_quotes(_notebook(prose, outside)) == ["85% to 100%", "0.15 to 0.35"]
+    unit = inside.replace("94.9%", "0.949")  # a fraction is not a percentage
+    assert missing_quotes(_notebook(prose, unit)) == ["85% to 100%"]
+    bare = "32 arrays\nexact 94.9%, loss 0.245\n"  # the value alone does not say the range
+    assert missing_quotes(_notebook(prose, bare)) == ["85% to 100%", "0.15 to 0.35"]
+    apart = "32 arrays\nexact 94.9%\n(85% to 100%), 0.245 (0.15 to 0.35)\n"  # not one line
+    assert missing_quotes(_notebook(prose, apart)) == ["85% to 100%"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_runs_top_to_bottom_and_prints_what_the_prose_quotes(path):
-    """A fresh run of the committed code prints every number the prose quotes: a code
-    change that moves a quoted number fails here until the notebook is run again."""
+    """A fresh run of the committed code prints every number the prose quotes, and a value
+    inside every range it quotes: a code change that moves a quoted number fails here until
+    the notebook is run again. Run it under two BLAS kernels (OPENBLAS_CORETYPE=Haswell,
+    =Sandybridge, ... where the CPU has them) before changing a range."""
     nb, _ = execute(path)
     assert missing_quotes(nb) == []

@@ -9,7 +9,10 @@ trusts the core count; :func:`choose_threads` times the real step instead.
 
 The thread count changes the order of float32 additions inside the library, so results
 are bit for bit the same only for the same count: a run records the count it chose, and
-a resumed run uses it again.
+a resumed run uses it again. So does the *kernel*: OpenBLAS picks its inner loops for
+the CPU it finds (Haswell, SkylakeX, Sandybridge, ...; ``OPENBLAS_CORETYPE`` overrides
+the choice), each kernel rounds differently, and hundreds of training steps amplify the
+difference. :func:`summary` names both, for every number printed for comparison.
 
 Uses ``threadpoolctl`` (a dependency); where it finds no BLAS it can control (or on
 the GPU) every function here is a no-op that says so.
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora.basics.checks import positive_int
@@ -61,7 +65,7 @@ def blas_libraries() -> list[dict[str, Any]]:
             "library": i["internal_api"],
             "version": i.get("version"),
             "threads": i["num_threads"],
-            "architecture": i.get("architecture"),
+            "kernel": i.get("architecture"),
         }
         for i in threadpool_info()
         if i.get("user_api") == "blas"
@@ -72,6 +76,24 @@ def current_threads() -> int | None:
     """The BLAS thread count now (None when no controllable BLAS is loaded)."""
     libraries = blas_libraries()
     return max(lib["threads"] for lib in libraries) if libraries else None
+
+
+_NAMES = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}
+
+
+def summary(threads: int | None = None) -> str:
+    """What a float32 result was computed with, in one line, for comparing numbers:
+    "NumPy 2.4.6, OpenBLAS 0.3.31 Haswell kernel, 2 threads". ``threads`` is the count
+    the computation used (default: the library's count now)."""
+    libraries = blas_libraries()
+    if not libraries:
+        return f"NumPy {np.__version__}, no BLAS that threadpoolctl can read"
+    lib = libraries[0]
+    version = ".".join(str(lib["version"] or "?").split(".")[:3])  # 0.3.31.188.0: a wheel build
+    kernel = f" {lib['kernel']} kernel" if lib["kernel"] else ""
+    n = threads if threads is not None else lib["threads"]
+    name = _NAMES.get(lib["library"], lib["library"])
+    return f"NumPy {np.__version__}, {name} {version}{kernel}, {n} thread{'s' * (n != 1)}"
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import numpy as np
 
 from minilora.basics.backend import to_host
 from minilora.basics.blas import describe as describe_threads
+from minilora.basics.blas import summary as blas_summary
 from minilora.basics.version import __version__
 from minilora.core import params
 from minilora.core.adapters import (
@@ -213,6 +214,10 @@ def run_demo(args: Namespace, plan: DemoPlan | None = None) -> int:
     print(
         f"\nfine-tuning took {train_seconds:.1f} s; the demo {time.perf_counter() - start:.1f} s."
     )
+    # The BLAS kernel (chosen per CPU type) and the thread count set the float32 rounding,
+    # and 300 steps amplify it: section 5 can be compared only with the same line here.
+    where = "the GPU (CuPy)" if model.device == "gpu" else blas_summary(trainer.blas_threads)
+    print(f"Computed with {where}; another BLAS kernel or thread count moves section 5.")
     print(
         f"Try: minilora generate --adapter {out / 'adapter'} --prompt '{args.task} hello>' --greedy"
     )

@@ -193,7 +193,7 @@ def format_results(results: dict[str, Any]) -> str:
     threads = f"{blas['threads']} threads" if blas.get("threads") else blas.get("device", "")
     lib = f"NumPy {meta['numpy']}" + (f", CuPy {meta['cupy']}" if meta.get("cupy") else "")
     machine = meta["machine"]
-    kernel = f", kernel {blas['architecture']}" if blas.get("architecture") else ""
+    kernel = f", kernel {blas['kernel']}" if blas.get("kernel") else ""
     lines = [
         f"minilora bench  {meta['date']}  device {meta['device']}, "
         f"{machine['usable_cores']} of {machine['cpu_count']} cores usable",

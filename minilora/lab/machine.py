@@ -37,7 +37,7 @@ def blas_info(backend: Backend | None = None) -> dict[str, Any]:
     return {
         "library": f"{lib['library']} {lib['version']}",
         "threads": lib["threads"],
-        "architecture": lib["architecture"],  # the kernel OpenBLAS chose for this CPU
+        "kernel": lib["kernel"],  # the kernel OpenBLAS chose for this CPU (its "architecture")
         "source": "threadpoolctl",
     }
 
