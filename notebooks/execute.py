@@ -185,6 +185,104 @@ def missing_quotes(nb: nbformat.NotebookNode) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------- every number of the prose
+RESULT_NUMBER = re.compile(r"(?<![\w.,])[-+]?[0-9][0-9,]*(?:\.[0-9]+(?:e[-+]?[0-9]+)?%?|%)(?![\w])")
+"""A result number in the prose: one with a decimal point or a percent sign, like 0.83,
+2370.7, 1.49e-08 or 85%. Integers (counts, sizes, section numbers, years) are left out:
+the bold ones among them are checked by :func:`missing_quotes`."""
+NOT_PROSE = re.compile(
+    r"\$\$.*?\$\$|\$[^$\n]+\$|```.*?```|`[^`\n]*`|\]\([^)]*\)|\*\*[^*\n]+ to [^*\n]+\*\*"
+    r'|"[^"\n]*"|\b(?:[Ss]ection|Table|Eq\.|[Ff]igure)s? [0-9.]+',
+    re.DOTALL,
+)
+"""What is not prose for the check: equations ($...$, $$...$$), code (`...`), link targets,
+the bold ranges :func:`range_backed` checks, quotations ("3x", a paper's words) and the
+numbers of sections, tables, equations and figures. A setting written in a code span,
+like `lr=3e-3`, or a version number, like `11.8`, is therefore not a result."""
+CITED = re.compile(r"\b((?:figures|benchmarks)/[\w.-]+\.(?:json|md))\b")
+"""A file a Markdown cell cites, like figures/rank_sweep.json or figures/README.md (the
+figures' write-up): its numbers back the cell's prose (results of runs too long to repeat
+in a notebook)."""
+ROOT = HERE.parent
+
+
+def prose_numbers(source: str) -> list[str]:
+    """The result numbers of one Markdown cell, in order."""
+    return RESULT_NUMBER.findall(NOT_PROSE.sub(" ", source))
+
+
+def _json_numbers(path: Path) -> list[float]:
+    """The numbers of a JSON file, leaving out lists of more than 16 numbers (loss curves, the
+    steps of a timing): with thousands of values, some would round to any number."""
+    import json
+
+    found: list[float] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            numbers = [v for v in value if isinstance(v, (int, float))]
+            if len(numbers) <= 16:  # not curves: they would back anything
+                for v in value:
+                    walk(v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append(float(value))
+
+    walk(json.loads(path.read_text()))
+    return found
+
+
+def _file_numbers(path: Path) -> list[float]:
+    if path.suffix == ".json":
+        return _json_numbers(path)
+    return _text_numbers(path.read_text())
+
+
+def _text_numbers(text: str) -> list[float]:
+    found = []
+    for token in re.findall(NUMBER, text):
+        try:
+            found.append(_number(token))
+        except ValueError:  # "1,2" read as one token
+            continue
+    return found
+
+
+def number_backed(quoted: str, values: list[float], scales: tuple[float, ...]) -> bool:
+    """Some value, times one of ``scales``, rounds to ``quoted`` at the precision quoted
+    (3.26 backs 3.3 and 0.949 backs 94.9% with scale 100; 3.36 backs neither)."""
+    from decimal import Decimal
+
+    digits = quoted.replace(",", "").rstrip("%").lstrip("+")
+    target = float(digits)
+    half = 0.5 * 10.0 ** Decimal(digits).as_tuple().exponent
+    return any(abs(v * k - target) <= half * (1 + 1e-9) for v in values for k in scales)
+
+
+def unbacked_numbers(nb: nbformat.NotebookNode, root: Path = ROOT) -> list[str]:
+    """The prose's result numbers that neither the notebook's code cells (their outputs,
+    and their sources for the settings) nor a file the cell cites back, as "cell i: n".
+    A percentage may also be backed by a fraction (0.949 for 94.9%); a cited file's
+    numbers may also be scaled to the units prose uses (1e-3, 1e-6, 1e-9: k, MB, GB)."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    local = _text_numbers(output_text(nb) + "\n" + "\n".join(c.source for c in code))
+    missing = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        cited = [v for f in CITED.findall(cell.source) for v in _file_numbers(root / f)]
+        for quoted in prose_numbers(cell.source):
+            pct = (100.0,) if quoted.endswith("%") else ()
+            if not (
+                number_backed(quoted, local, (1.0, *pct))
+                or number_backed(quoted, cited, (1.0, 1e-3, 1e-6, 1e-9, *pct))
+            ):
+                missing.append(f"cell {i}: {quoted}")
+    return missing
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--filled"]:  # the exercises solved: print each check's verdict
@@ -204,4 +302,9 @@ if __name__ == "__main__":
         print(
             f"{path.name}: {seconds:.1f} s"
             + (f"; quoted but not printed: {missing}" if missing else "")
+            + (
+                f"; prose numbers not backed: {unbacked}"
+                if (unbacked := unbacked_numbers(nb))
+                else ""
+            )
         )

@@ -1,5 +1,6 @@
 """The teaching notebooks: committed with outputs, and those outputs are what the
-committed code prints (every number the prose quotes in bold appears in them)."""
+committed code prints (every number the prose quotes in bold appears in them, and every
+result number of the prose, bold or not, is backed by them or by a file the cell cites)."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,14 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
-from execute import execute, missing_quotes, notebooks, quoted_numbers  # noqa: E402
+from execute import (  # noqa: E402
+    execute,
+    missing_quotes,
+    notebooks,
+    prose_numbers,
+    quoted_numbers,
+    unbacked_numbers,
+)
 
 PATHS = notebooks()
 
@@ -27,6 +35,37 @@ def test_committed_outputs_back_every_quoted_number(path):
     assert code and all(c.get("execution_count") for c in code), "run notebooks/execute.py"
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
     assert missing_quotes(nb) == []
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+def test_every_result_number_of_the_prose_is_backed(path):
+    """Not only the bold numbers: every number with a decimal point or a percent sign in
+    the prose is printed by the notebook (or set in its code), or is in a figure or
+    benchmark file the cell cites."""
+    assert unbacked_numbers(nbformat.read(path, as_version=4)) == []
+
+
+def test_what_counts_as_a_result_number():
+    prose = (
+        "Loss 0.245 after 300 steps, 94.9% exact, $s = 2.0$, `lr=3e-3`, section 7.2 of "
+        'the paper ("1.2TB"), **85% to 100%** on 4 blocks, a [link](x/1.5.md), 1.49e-08."'
+    )
+    assert prose_numbers(prose) == ["0.245", "94.9%", "1.49e-08"]
+
+
+def test_an_unbacked_prose_number_is_reported(tmp_path):
+    """A number must round from a printed one at the precision written; a cited file
+    backs its cell only."""
+    nb = _notebook("loss 0.25, 94.9% exact, 3.3 MB", "loss 0.2468, exact 0.949, 3,260,928 bytes\n")
+    assert unbacked_numbers(nb, tmp_path) == ["cell 1: 3.3"]  # 0.2468 backs 0.25, 0.949 94.9%
+    nb.cells[1].source = "loss 0.26, 3.3 MB (figures/m.json)"
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "m.json").write_text(
+        '{"bytes": 3260928, "curve": %s}' % list(range(20))
+    )
+    assert unbacked_numbers(nb, tmp_path) == ["cell 1: 0.26"]  # 3,260,928 bytes is 3.3 MB
+    nb.cells.append(nbformat.v4.new_markdown_cell("again 3.3 MB, and 17.0 from a long curve"))
+    assert unbacked_numbers(nb, tmp_path) == ["cell 1: 0.26", "cell 2: 3.3", "cell 2: 17.0"]
 
 
 def _notebook(prose, printed):

@@ -168,7 +168,7 @@ params.lora_parameter_count(n_layer, d_model, r, targets).""",
                 lambda c, r, t, b: _memory(c, r, t, b, adapters=False),
             ),
             Mistake(
-                "the activations are missing (params.activation_bytes)",
+                "the activations are missing (params.step_activation_bytes)",
                 lambda c, r, t, b: _memory(c, r, t, b, acts=False),
             ),
         ),
