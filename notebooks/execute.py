@@ -298,13 +298,9 @@ if __name__ == "__main__":
     for path in chosen:
         nb, seconds = execute(path)
         nbformat.write(nb, path)
-        missing = missing_quotes(nb)
+        missing, unbacked = missing_quotes(nb), unbacked_numbers(nb)
         print(
             f"{path.name}: {seconds:.1f} s"
             + (f"; quoted but not printed: {missing}" if missing else "")
-            + (
-                f"; prose numbers not backed: {unbacked}"
-                if (unbacked := unbacked_numbers(nb))
-                else ""
-            )
+            + (f"; prose numbers not backed: {unbacked}" if unbacked else "")
         )

@@ -60,9 +60,8 @@ def test_an_unbacked_prose_number_is_reported(tmp_path):
     assert unbacked_numbers(nb, tmp_path) == ["cell 1: 3.3"]  # 0.2468 backs 0.25, 0.949 94.9%
     nb.cells[1].source = "loss 0.26, 3.3 MB (figures/m.json)"
     (tmp_path / "figures").mkdir()
-    (tmp_path / "figures" / "m.json").write_text(
-        '{"bytes": 3260928, "curve": %s}' % list(range(20))
-    )
+    curve = list(range(20))  # a list of more than 16 numbers backs nothing
+    (tmp_path / "figures" / "m.json").write_text(f'{{"bytes": 3260928, "curve": {curve}}}')
     assert unbacked_numbers(nb, tmp_path) == ["cell 1: 0.26"]  # 3,260,928 bytes is 3.3 MB
     nb.cells.append(nbformat.v4.new_markdown_cell("again 3.3 MB, and 17.0 from a long curve"))
     assert unbacked_numbers(nb, tmp_path) == ["cell 1: 0.26", "cell 2: 3.3", "cell 2: 17.0"]
