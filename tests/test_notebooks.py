@@ -48,7 +48,8 @@ def test_every_result_number_of_the_prose_is_backed(path):
 def test_what_counts_as_a_result_number():
     prose = (
         "Loss 0.245 after 300 steps, 94.9% exact, $s = 2.0$, `lr=3e-3`, section 7.2 of "
-        'the paper ("1.2TB"), **85% to 100%** on 4 blocks, a [link](x/1.5.md), 1.49e-08."'
+        'the paper ("1.2TB"), **85% to 100%** on 4 blocks, a [link](https://example.org/1.5), '
+        "1.49e-08."
     )
     assert prose_numbers(prose) == ["0.245", "94.9%", "1.49e-08"]
 
