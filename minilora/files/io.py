@@ -1,23 +1,20 @@
-"""Files without pickle: our own safetensors reader/writer, JSON, atomic writes.
+"""Files without pickle: safetensors through the ``safetensors`` package, JSON, atomic writes.
 
 Why not pickle? Loading a pickle runs arbitrary code chosen by whoever wrote the file.
 A checkpoint or an adapter downloaded from someone else should be *data*, so minilora
 stores arrays in the safetensors format and everything else in JSON.
 
-The safetensors layout (https://github.com/huggingface/safetensors), byte by byte::
+Arrays are read and written by ``safetensors.numpy``, the library PEFT, transformers and
+the hub use, so minilora's files are the ecosystem's files. What is inside one (an
+8-byte little-endian header length N, N bytes of JSON with each tensor's dtype, shape
+and data_offsets, then the raw bytes) is the exercise ``safetensors_tensor`` of
+notebook 05 (lab/exercises/file_format.py) and docs/DESIGN.md's "File formats".
 
-    8 bytes      N, the header length, unsigned 64-bit little-endian
-    N bytes      UTF-8 JSON: {"name": {"dtype": "F32", "shape": [2, 3],
-                                       "data_offsets": [begin, end]}, ...,
-                              "__metadata__": {"key": "value"}}
-                 padded with spaces so the data section starts at a multiple of 8
-    the rest     the data section: each tensor's raw little-endian C-order bytes,
-                 at [begin, end) relative to the start of the data section
-
-The format is simple enough to write in a page, which is the point of this module:
-the reader trusts nothing in the file and checks every field before building arrays.
-Files written here load with the official ``safetensors.numpy.load_file`` and the
-other way round (see tests/test_io.py).
+This module is the boundary around the library: host NumPy arrays in and out, only the
+dtypes minilora uses, and one clear ValueError naming the file for anything wrong in
+it. The library's own errors speak of Rust types ("expected usize") and let a few
+things through (a repeated name, bfloat16, bool bytes other than 0/1), so the header is
+checked first and the library's refusals are explained.
 
 Every writer goes through :func:`atomic_write_bytes`: a crash or an error half-way
 leaves the previous file intact, never a half-written one.
@@ -37,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 PathLike = str | os.PathLike
 
@@ -56,7 +54,6 @@ CODE_TO_DTYPE: dict[str, np.dtype] = {
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # a header bigger than this is a broken or hostile file
-_ALIGN = 8  # the data section starts at a multiple of 8 bytes so arrays can be aligned
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -218,7 +215,7 @@ def _check_tensor(name: Any, array: Any) -> np.dtype:
             f"tensor {name!r} is a {type(array).__module__}.{type(array).__name__}; "
             f"expected a host numpy.ndarray{hint}; use to_host() to copy arrays to the host"
         )
-    dtype = array.dtype.newbyteorder("=")  # ">f4" is still float32; we fix the order below
+    dtype = array.dtype.newbyteorder("=")  # ">f4" is still float32; the library swaps it
     if dtype not in DTYPE_TO_CODE:
         allowed = ", ".join(dt.name for dt in DTYPE_TO_CODE)
         raise ValueError(f"tensor {name!r} has dtype {array.dtype}; allowed: {allowed}")
@@ -228,13 +225,14 @@ def _check_tensor(name: Any, array: Any) -> np.dtype:
 def serialize_safetensors(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> bytes:
-    """The complete safetensors file for ``tensors`` as bytes (see the module docstring).
+    """The complete safetensors file for ``tensors`` as bytes, made by ``safetensors.numpy``.
 
-    Tensors are laid out in the mapping's order, back to back, without gaps.
+    Every name, array and metadata entry is checked here first, so the library only ever
+    sees what it writes correctly. The library lays the data out by dtype size, then by
+    name (not in the mapping's order), and pads the header to a multiple of 8 bytes.
     """
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a dict name -> numpy array, got {type(tensors).__name__}")
-    header: dict[str, Any] = {}
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict str -> str, got {type(metadata).__name__}")
@@ -243,25 +241,39 @@ def serialize_safetensors(
                 raise ValueError(
                     f"metadata entry {key!r}: {value!r} is not allowed; keys and values must be str"
                 )
-        header[METADATA_KEY] = dict(metadata)
-
-    chunks: list[bytes] = []
-    offset = 0
+    arrays = {}
     for name, array in tensors.items():
         dtype = _check_tensor(name, array)
-        # Little-endian, C order: exactly the bytes the format specifies.
-        data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
-        header[name] = {
-            "dtype": DTYPE_TO_CODE[dtype],
-            "shape": [int(n) for n in array.shape],
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
+        # C order, little-endian: the library copies nbytes from the data pointer, so a
+        # strided view (a transpose) would be written wrong. asarray keeps 0-d arrays 0-d.
+        arrays[name] = np.asarray(array, dtype=dtype.newbyteorder("<"), order="C")
+    # No metadata and empty metadata read back the same ({}); safetensors 0.8 writes an
+    # invalid header for an empty dict with no tensors, so it never gets one.
+    meta = dict(metadata) if metadata else None
+    try:
+        data = safetensors.numpy.save(arrays, metadata=meta)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as err:  # a SafetensorError, or a Rust panic (a BaseException)
+        raise ValueError(f"safetensors cannot write these tensors: {_first_line(err)}") from None
+    return _sorted_metadata(data) if meta and len(meta) > 1 else data
 
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % _ALIGN)  # pad so the data starts aligned
-    return struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(chunks)
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with the metadata's keys in sorted order: same seed, same bytes.
+
+    safetensors keeps the metadata in a Rust HashMap, whose order changes from call to
+    call. Sorting the keys changes no byte count, so the header is rewritten in place;
+    should the JSON come out longer or different in meaning, the library's bytes stand.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    text = data[8 : 8 + n].decode("utf-8").rstrip(" ")
+    header = json.loads(text)
+    header[METADATA_KEY] = dict(sorted(header[METADATA_KEY].items()))
+    again = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(again) != len(text.encode("utf-8")) or json.loads(again) != json.loads(text):
+        return data
+    return data[:8] + again + data[8 + len(again) :]  # the padding and the data as they were
 
 
 def save_safetensors(
@@ -281,6 +293,11 @@ def save_safetensors(
 # --------------------------------------------------------------------------- safetensors: read
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json object hook: a repeated key would silently hide a tensor, so refuse it."""
     out: dict[str, Any] = {}
@@ -295,25 +312,20 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
 
 
-def _parse_entry(path: Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    """Check one header entry; return (dtype, shape, begin, end)."""
-    where = f"{path}: tensor {name!r}"
-    if not name:
-        raise ValueError(f"{path}: empty tensor name in the header")
+def _check_entry(where: str, entry: Any) -> tuple[str, int, int]:
+    """One header entry, checked in words a learner can act on; returns (dtype, begin, end)."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise ValueError(
             f"{where}: entry {entry!r} must be an object with exactly "
             "'dtype', 'shape' and 'data_offsets'"
         )
-    code = entry["dtype"]
-    if code not in CODE_TO_DTYPE:
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in CODE_TO_DTYPE:  # the library knows more (BF16, U16, ...); minilora does not
         raise ValueError(
             f"{where}: dtype {code!r} is not supported; allowed: {', '.join(CODE_TO_DTYPE)}"
         )
-    shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
         raise ValueError(f"{where}: shape {shape!r} must be a list of non-negative integers")
-    offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -323,29 +335,21 @@ def _parse_entry(path: Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int
         raise ValueError(
             f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end"
         )
-    dtype = CODE_TO_DTYPE[code]
     begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+    expected = math.prod(shape) * CODE_TO_DTYPE[code].itemsize  # Python ints: no overflow
     if end - begin != expected:
         raise ValueError(
             f"{where}: data_offsets {offsets!r} span {end - begin} bytes, but shape {shape} "
             f"of {code} needs {expected}"
         )
-    return dtype, tuple(shape), begin, end
+    return code, begin, end
 
 
-def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file into (tensors, metadata), validating everything first.
+def _read_header(path: Path, raw: bytes) -> tuple[int, dict[str, str], dict[str, tuple]]:
+    """(N, metadata, {name: (dtype, begin, end)} in the header's order) of a file's bytes.
 
-    Nothing in the file is trusted: the header length, the JSON, every dtype, shape and
-    offset, and that the tensors tile the data section exactly (no gaps, no overlaps, no
-    missing or extra bytes). Any problem is a ValueError that starts with the path.
-    The returned arrays are owned, writable copies in the file's order of names.
+    The checks the library does not make, or makes in words about Rust types.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    raw = path.read_bytes()
     if len(raw) < 8:
         raise ValueError(f"{path}: {len(raw)} bytes is too short for a safetensors file (>= 8)")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -370,52 +374,74 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
         raise ValueError(f"{path}: header JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-
     metadata = header.pop(METADATA_KEY, {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise ValueError(f"{path}: {METADATA_KEY} {metadata!r} must be an object of str -> str")
+    if "" in header:
+        raise ValueError(f"{path}: empty tensor name in the header")
+    entries = {name: _check_entry(f"{path}: tensor {name!r}", e) for name, e in header.items()}
+    return n, metadata, entries
 
-    entries = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
 
-    # The tensors must tile the data section: sorted by offset, each starts where the
-    # previous one ended, the first at 0 and the last at the very end of the file.
-    data_size = len(raw) - 8 - n
+def _explain(entries: dict[str, tuple], data_size: int, err: BaseException) -> str:
+    """Why the library refused a header that passed :func:`_read_header`, in words.
+
+    What is left to refuse is the layout: the tensors must tile the data section, sorted
+    by offset each starting where the previous one ended, the last at the end of the file.
+    """
     cursor = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+    for name, (_, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][1:]):
         if begin < cursor:
-            raise ValueError(
-                f"{path}: tensor {name!r} at [{begin}, {end}) overlaps the previous tensor, "
+            return (
+                f"tensor {name!r} at [{begin}, {end}) overlaps the previous tensor, "
                 f"which ends at {cursor}"
             )
         if begin > cursor:
-            raise ValueError(
-                f"{path}: gap of {begin - cursor} bytes before tensor {name!r} at "
-                f"[{begin}, {end}); tensors must be contiguous"
+            return (
+                f"gap of {begin - cursor} bytes before tensor {name!r} at [{begin}, {end}); "
+                "tensors must be contiguous"
             )
         cursor = end
     if cursor > data_size:
-        raise ValueError(
-            f"{path}: truncated: the header describes {cursor} data bytes but the file "
-            f"holds only {data_size}"
+        return (
+            f"truncated: the header describes {cursor} data bytes but the file holds "
+            f"only {data_size}"
         )
     if cursor < data_size:
-        raise ValueError(
-            f"{path}: {data_size - cursor} trailing bytes after the last tensor "
+        return (
+            f"{data_size - cursor} trailing bytes after the last tensor "
             f"(the header describes {cursor} data bytes)"
         )
+    return f"not a valid safetensors file (safetensors: {_first_line(err)})"
 
-    start = 8 + n
+
+def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors file into (tensors, metadata) with ``safetensors.numpy``.
+
+    The bytes are read once; the header is checked (see :func:`_read_header`), the
+    library builds the arrays, and a file it refuses is explained. Any problem is one
+    ValueError that starts with the path. The returned arrays are owned, writable,
+    native-order copies, in the header's order of names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    raw = path.read_bytes()
+    n, metadata, entries = _read_header(path, raw)
+    try:
+        loaded = safetensors.numpy.load(raw)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as err:  # a SafetensorError, or a Rust panic (a BaseException)
+        raise ValueError(f"{path}: {_explain(entries, len(raw) - 8 - n, err)}") from None
+    del raw  # the library's arrays hold their own copy of the bytes
     tensors: dict[str, np.ndarray] = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        count = (end - begin) // dtype.itemsize
-        if dtype == np.bool_:
+    for name, (code, _, _) in entries.items():
+        view = loaded.pop(name)  # read-only, on the library's buffer; freed as we go
+        if code == "BOOL" and view.size and view.view(np.uint8).max() > 1:
             # NumPy would show a byte 2 as True but compare it unequal to True: refuse it.
-            as_bytes = np.frombuffer(raw, dtype=np.uint8, count=count, offset=start + begin)
-            if as_bytes.size and as_bytes.max() > 1:
-                raise ValueError(f"{path}: tensor {name!r} is BOOL but holds bytes other than 0/1")
-        flat = np.frombuffer(raw, dtype=dtype, count=count, offset=start + begin)
-        # .astype copies (an owned, writable array) and gives native byte order.
-        tensors[name] = flat.reshape(shape).astype(dtype.newbyteorder("="))
+            raise ValueError(f"{path}: tensor {name!r} is BOOL but holds bytes other than 0/1")
+        tensors[name] = view.astype(CODE_TO_DTYPE[code].newbyteorder("="))  # an owned copy
     return tensors, dict(metadata)
