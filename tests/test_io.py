@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy as st_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
-
-import safetensors
-import safetensors.numpy as st_numpy
 
 import minilora.files.io as mio
 from minilora.files.io import (
