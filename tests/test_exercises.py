@@ -11,12 +11,13 @@ import pytest
 
 import minilora as ml
 from minilora.cli.main import main
+from minilora.lab.exercises import file_format as F
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
 from minilora.lab.exercises import whole_model as W
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-REFERENCE = {n: getattr(m, n) for m in (O, W, M) for n in dir(m) if n in ml.exercises.names()}
+REFERENCE = {n: getattr(m, n) for m in (O, W, M, F) for n in dir(m) if n in ml.exercises.names()}
 
 
 def _rows(a):
@@ -187,6 +188,14 @@ PLANTED = {
         (lambda *a: M._phi_with(*a, norm_power=1), "is squared"),
         (lambda *a: M._phi_with(*a, shift=1), "off by one"),
     ],
+    "safetensors_tensor": [
+        (lambda d, n: F._read_with(d, n, skip="all"), "you read from byte 0"),
+        (lambda d, n: F._read_with(d, n, skip="length"), "you left out the 8 length bytes"),
+        (lambda d, n: F._read_with(d, n, skip="header"), "you left out the header"),
+        (lambda d, n: F._read_with(d, n, order=">"), "you read them big-endian"),
+        (lambda d, n: F.safetensors_tensor(d, n).astype(np.float64), "the dtype comes from"),
+        (lambda d, n: F.safetensors_tensor(d, n).ravel(), "wrong shape"),
+    ],
     "amplification_factor": [
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, of_W=True), "not W's own"),
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, inverse=True), "upside down"),
@@ -304,6 +313,19 @@ def test_phi_equals_the_experiments_subspace_similarity():
     grid = _phi(A1, A2)
     for i, j in ((1, 1), (2, 5), (4, 8)):
         assert M.subspace_similarity(A1, A2, i, j) == pytest.approx(grid[i - 1, j - 1], rel=1e-12)
+
+
+def test_safetensors_tensor_reads_what_the_library_reads():
+    import safetensors.numpy
+
+    cases = ml.exercises.get("safetensors_tensor").cases(np.random.default_rng(0))
+    for case in cases:
+        data, name = case.args["data"], case.args["name"]
+        expected = safetensors.numpy.load(data)[name]
+        got = F.safetensors_tensor(data, name)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert got.tobytes() == expected.tobytes()
+    assert len({case.args["name"] for case in cases}) == len(cases)
 
 
 # ------------------------------------------------------------------- worked solutions

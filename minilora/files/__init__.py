@@ -1,3 +1,3 @@
-"""Files: safetensors and JSON read and written by hand (no pickle, ever), model
-checkpoints, adapter files and the built-in base.
+"""Files: safetensors through the ``safetensors`` package and JSON (no pickle, ever),
+model checkpoints, adapter files and the built-in base.
 """

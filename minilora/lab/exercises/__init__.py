@@ -12,6 +12,11 @@ holds worked solutions in that form, one file per notebook.
 
 # importing the exercise modules registers their exercises, in reading order
 from minilora.lab.exercises import many_adapters, one_layer, whole_model  # noqa: F401
+
+# isort: split
+from minilora.lab.exercises import file_format  # noqa: F401  (05, after the merges)
+
+# isort: split
 from minilora.lab.exercises.grader import (
     Case,
     CaseResult,
