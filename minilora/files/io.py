@@ -4,17 +4,13 @@ Why not pickle? Loading a pickle runs arbitrary code chosen by whoever wrote the
 A checkpoint or an adapter downloaded from someone else should be *data*, so minilora
 stores arrays in the safetensors format and everything else in JSON.
 
-Arrays are read and written by ``safetensors.numpy``, the library PEFT, transformers and
-the hub use, so minilora's files are the ecosystem's files. What is inside one (an
-8-byte little-endian header length N, N bytes of JSON with each tensor's dtype, shape
-and data_offsets, then the raw bytes) is the exercise ``safetensors_tensor`` of
-notebook 05 (lab/exercises/file_format.py) and docs/DESIGN.md's "File formats".
-
-This module is the boundary around the library: host NumPy arrays in and out, only the
-dtypes minilora uses, and one clear ValueError naming the file for anything wrong in
-it. The library's own errors speak of Rust types ("expected usize") and let a few
-things through (a repeated name, bfloat16, bool bytes other than 0/1), so the header is
-checked first and the library's refusals are explained.
+Arrays are read and written by ``safetensors.numpy``, as in PEFT, transformers and the
+hub. What is inside such a file is the exercise ``safetensors_tensor`` of notebook 05
+(lab/exercises/file_format.py) and docs/DESIGN.md's "File formats". This module is the
+boundary: host NumPy arrays only, minilora's dtypes only, and one ValueError naming the
+file for anything wrong in it. The library's errors speak of Rust types ("expected
+usize") and it lets a repeated name, bfloat16 or bool bytes other than 0/1 through, so
+the header is checked first and the library's refusals are explained.
 
 Every writer goes through :func:`atomic_write_bytes`: a crash or an error half-way
 leaves the previous file intact, never a half-written one.
@@ -439,7 +435,9 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
     del raw  # the library's arrays hold their own copy of the bytes
     tensors: dict[str, np.ndarray] = {}
     for name, (code, _, _) in entries.items():
-        view = loaded.pop(name)  # read-only, on the library's buffer; freed as we go
+        view = loaded.pop(name, None)  # read-only, on the library's buffer; freed as we go
+        if view is None:  # a name JSON and the library decode differently
+            raise ValueError(f"{path}: tensor {name!r} is not what safetensors read")
         if code == "BOOL" and view.size and view.view(np.uint8).max() > 1:
             # NumPy would show a byte 2 as True but compare it unequal to True: refuse it.
             raise ValueError(f"{path}: tensor {name!r} is BOOL but holds bytes other than 0/1")
