@@ -40,6 +40,7 @@ LORA_DEFAULTS = {
     "targets": "q,v",
     "init": "gaussian",
     "rslora": False,
+    "dora": False,
 }
 """finetune's LoRA options (None on the command line: not given) and their defaults."""
 PRODUCT_FILES = {
@@ -293,9 +294,11 @@ def finetune(args: Namespace) -> int:
             target_modules=_targets(args.targets),
             init=args.init,
             use_rslora=args.rslora,
+            use_dora=args.dora,
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
-        mode = f"LoRA r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        kind = "DoRA" if lcfg.use_dora else "LoRA"
+        mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
         settings.update(mode="lora", lora=lcfg.to_dict())
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
     trainer = Trainer(

@@ -212,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scale by alpha/sqrt(r) (default: alpha/r)",
     )
+    p.add_argument(
+        "--dora",
+        action="store_const",
+        const=True,
+        default=None,
+        help="DoRA: a trainable magnitude per output feature beside A and B (default: off)",
+    )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 

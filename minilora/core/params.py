@@ -370,10 +370,10 @@ def format_accounting(table: Mapping[str, Any]) -> str:
 def module_key(name: str) -> str:
     """The module a parameter belongs to: 'h.0.attn.q.weight' -> 'h.0.attn.q'.
 
-    LoRA matrices count under the Linear they adapt: 'h.0.attn.q.lora_A.default' ->
-    'h.0.attn.q' (the adapter name may itself contain dots).
+    LoRA matrices (and DoRA's magnitude) count under the Linear they adapt:
+    'h.0.attn.q.lora_A.default' -> 'h.0.attn.q' (the adapter name may itself contain dots).
     """
-    for marker in (".lora_A.", ".lora_B."):
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude."):
         if marker in name:
             return name.split(marker, 1)[0]
     head, _, last = name.rpartition(".")
