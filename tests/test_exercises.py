@@ -11,12 +11,13 @@ import pytest
 
 import minilora as ml
 from minilora.cli.main import main
+from minilora.lab.exercises import family as F
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
 from minilora.lab.exercises import whole_model as W
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-REFERENCE = {n: getattr(m, n) for m in (O, W, M) for n in dir(m) if n in ml.exercises.names()}
+REFERENCE = {n: getattr(m, n) for m in (O, W, M, F) for n in dir(m) if n in ml.exercises.names()}
 
 
 def _rows(a):
@@ -192,6 +193,23 @@ PLANTED = {
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, inverse=True), "upside down"),
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, k=min(W_.shape)), "only the top r"),
     ],
+    "dora_backward": [
+        (lambda *a: F._wrong(*a, exact=True), "that is the exact gradient"),
+        (lambda *a: F._wrong(*a, dm_by_n=False), "dm is missing its 1/n"),
+        (lambda *a: F._wrong(*a, g_on_lora=False), "start from g ⊙ dh"),
+        (  # the base term on the undropped x: PEFT's form recomputes it on D(x)
+            lambda dh, x, W, A, B, m, s, mask=None: (
+                F.dora_backward(dh, x, W, A, B, m, s, mask)[0]
+                + (
+                    0
+                    if mask is None
+                    else ((m / F.weight_norm(W, A, B, s) - 1) * dh) @ W * (1 - mask)
+                ),
+                *F.dora_backward(dh, x, W, A, B, m, s, mask)[1:],
+            ),
+            "dx",
+        ),
+    ],
 }
 
 
@@ -336,7 +354,7 @@ def test_cli_lists_the_exercises_in_reading_order(capsys):
     assert code == 0 and not err
     rows = out.splitlines()
     assert [row.split()[1] for row in rows] == ml.exercises.names()
-    assert rows[0].startswith("01  lora_forward ") and rows[-1].startswith("06  ")
+    assert rows[0].startswith("01  lora_forward ") and rows[-1].startswith("08  dora_backward ")
 
 
 def test_cli_check_passes_a_solution_and_fails_a_wrong_one(capsys, tmp_path):
