@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from minilora.basics.blas import describe as describe_threads
-from minilora.basics.checks import one_of, positive_int
+from minilora.basics.checks import one_of, positive_int, positive_real
 from minilora.cli.demo import check_demo, holds_only_demo_output, run_demo
 from minilora.core import params
 from minilora.core.adapters import add_adapter, merge, set_adapter
@@ -64,6 +64,7 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
         eval_size=args.eval_size,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        loraplus_lr_ratio=getattr(args, "loraplus_ratio", None),  # finetune only
     )
 
 
@@ -187,6 +188,13 @@ def _check_finetune(args: Namespace) -> None:
         raise ValueError(
             f"--full fine-tunes every weight without an adapter, so {', '.join(given)} "
             "would be ignored; drop --full, or drop the LoRA options"
+        )
+    if args.loraplus_ratio is not None:
+        positive_real("--loraplus-ratio", args.loraplus_ratio)
+    if args.full and args.loraplus_ratio is not None:
+        raise ValueError(
+            "--loraplus-ratio sets B's learning rate apart from A's; --full fine-tunes "
+            "without an adapter, so there is no B: drop --full, or drop --loraplus-ratio"
         )
     for name, default in LORA_DEFAULTS.items():
         if getattr(args, name) is None:

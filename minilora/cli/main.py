@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="DoRA: a trainable magnitude per output feature beside A and B (default: off)",
     )
+    p.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: B (and DoRA's magnitude) learn at lr x this ratio, e.g. 16 (default: off)",
+    )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 

@@ -1,4 +1,4 @@
-"""DoRA against PEFT's: the same weights give the same logits and the same gradients.
+"""The LoRA family against PEFT: DoRA's logits and gradients, LoRA+'s groups and step.
 
 PEFT wraps ``nn.Linear`` modules, so the PyTorch twin of the GPT is written here as
 modules (``TorchGPT``) whose parameter names are minilora's (``h.0.attn.q.weight``,
@@ -202,3 +202,53 @@ def test_a_dora_linear_with_dropout_equals_peft(dtype):
         (dm, layer.lora_magnitude_vector["default"].weight.grad),
     ):
         assert rel(ours, theirs.numpy()) < tol
+
+
+def _minilora_name(peft_name: str) -> str:
+    """PEFT's parameter name of the twin -> minilora's."""
+    name = peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    for theirs, mine in (("lora_magnitude_vector", "lora_magnitude"), ("lora_A", "lora_A")):
+        name = name.replace(f".{theirs}.default.weight", f".{mine}.default")
+    return name.replace(".lora_B.default.weight", ".lora_B.default")
+
+
+def test_loraplus_groups_and_step_equal_peft():
+    """PEFT's create_loraplus_optimizer on the same model: every trainable parameter has
+    the learning rate minilora gives it (lr x 16 for lora_B, DoRA's magnitude and the
+    trainable biases and layer norm; lr for lora_A and a trainable matrix), and one
+    AdamW step from the same gradients gives the same parameters."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    lr, ratio = 1e-3, 16.0
+    extra = ("h.0.attn.q.bias", "ln_f.weight", "h.1.attn.k.weight")
+    config = ml.LoraConfig(r=2, alpha=4, target_modules=("q", "fc"), use_dora=True)
+    model = random_model(ml.GPTConfig(**TINY), seed=1)
+    ml.add_adapter(model, config)
+    model.unfreeze(*extra)
+    twin, params = peft_twin(model, ["q", "fc"])
+    for name, p in params.items():
+        if _minilora_name(name) in extra:
+            p.requires_grad_(True)
+    opt = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio)
+    theirs = {}
+    by_id = {id(p): n for n, p in params.items()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            theirs[_minilora_name(by_id[id(p)])] = group["lr"]
+    ours_opt = ml.AdamW(model, lr=lr, loraplus_lr_ratio=ratio)
+    assert theirs == {n: ours_opt.lr_of(n) for n in model.trainable_names()}
+    assert sorted(set(theirs.values())) == [lr, lr * ratio]
+
+    idx, targets = token_batch(model.config, B=2, T=10)
+    model.loss(idx, targets)
+    model.backward()
+    ours_opt.step()
+    logits = twin(torch.tensor(idx))
+    nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1)
+    ).backward()
+    opt.step()
+    for name, p in params.items():
+        if p.requires_grad:
+            mine = model.params[_minilora_name(name)]
+            assert rel(mine, p.detach().numpy()) < 1e-12, name
