@@ -304,3 +304,21 @@ def test_finetune_dora_saves_a_dora_adapter_and_resumes(tmp_path, capsys, monkey
     assert run_cli([*argv, "--resume"], capsys).status == 0
     refused = run_cli([*argv[:-1], "--full", "--dora", "--overwrite"], capsys)
     assert refused.status == 2 and "--dora" in refused.err
+
+
+def test_params_counts_dora_magnitudes_in_the_accounting_and_on_the_command_line(capsys):
+    """d_out more trainable numbers per adapted matrix: for GPT-3 175B with r=4 on q and
+    v, 96 * 2 * 12288 = 2,359,296 more than LoRA's 18,874,368."""
+    from minilora.core import params
+
+    lora = params.lora_parameter_count(96, 12288, 4, ("q", "v"))
+    assert params.lora_parameter_count(96, 12288, 4, ("q", "v"), dora=True) == lora + 2_359_296
+    model = dora_model()
+    expected = params.lora_parameter_count(
+        TINY["n_layer"], TINY["d_model"], 2, DORA.target_modules, dora=True
+    )
+    assert count_parameters(model).trainable == expected
+    outcome = run_cli(["params", "--preset", "gpt3-175b", "--rank", "4", "--dora"], capsys)
+    assert outcome.status == 0 and "DoRA trains 21,233,664" in outcome.out
+    table = params.accounting_table("gpt3-175b", r=4, dora=True)
+    assert table["trainable"] == 21_233_664 and table["lora"]["dora"] is True

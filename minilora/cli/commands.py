@@ -367,7 +367,9 @@ def params_command(args: Namespace) -> int:
         print(
             "minilora params: note: arithmetic only; --device gpu changes nothing", file=sys.stderr
         )
-    table = params.accounting_table(args.preset, r=args.rank, targets=_targets(args.targets))
+    table = params.accounting_table(
+        args.preset, r=args.rank, targets=_targets(args.targets), dora=args.dora
+    )
     if args.json:
         json.dump(table, sys.stdout, indent=2)
         print()

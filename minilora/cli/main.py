@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _rank(p, alpha=False)
     _targets(p)
+    p.add_argument(
+        "--dora", action="store_true", help="count DoRA's magnitudes too (d_out per matrix)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(
