@@ -322,3 +322,38 @@ def test_params_counts_dora_magnitudes_in_the_accounting_and_on_the_command_line
     assert outcome.status == 0 and "DoRA trains 21,233,664" in outcome.out
     table = params.accounting_table("gpt3-175b", r=4, dora=True)
     assert table["trainable"] == 21_233_664 and table["lora"]["dora"] is True
+
+
+def test_a_lora_run_started_before_dora_existed_still_resumes(tmp_path, capsys, monkeypatch):
+    """Its checkpoints' settings have no use_dora / dora_exact_grad: a plain LoRA run's
+    settings leave them out too, so --resume finds nothing changed; --dora is a change."""
+    monkeypatch.delenv("MINILORA_DEVICE", raising=False)
+    base = tmp_path / "base"
+    checkpoints.save_model(ml.GPT(CLI_TINY, seed=0), base, extra={"tokenizer": TOKENIZER.to_dict()})
+    argv = ["finetune", "--base", str(base), "--out", str(tmp_path / "run"), *RUN]
+    assert run_cli(argv, capsys).status == 0
+    for path in (tmp_path / "run" / "train").glob("ckpt-*/trainer.json"):
+        assert "use_dora" not in json.loads(path.read_text())["settings"]["lora"]
+    assert run_cli([*argv, "--resume"], capsys).status == 0
+    changed = run_cli([*argv, "--resume", "--dora"], capsys)
+    assert changed.status == 2 and "lora.use_dora None -> True" in changed.err
+
+
+def test_dora_on_a_pissa_split_starts_at_the_base_and_gives_W_back(tmp_path):
+    """With init="pissa", W holds the residual and m = ||W_res + s B0 A0|| = ||W||: the
+    model starts where the base was (to rounding), and deleting the adapter restores W."""
+    model = random_model(ml.GPTConfig(**TINY), seed=1).eval()
+    idx, _ = token_batch(model.config)
+    before = model.forward(idx)
+    W = model.params["h.0.attn.q.weight"].copy()
+    config = ml.LoraConfig(r=2, target_modules=("q", "v"), init="pissa", use_dora=True)
+    ml.add_adapter(model, config)
+    np.testing.assert_allclose(model.forward(idx), before, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        model.params["h.0.attn.q.lora_magnitude.default"], np.linalg.norm(W, axis=1), rtol=1e-12
+    )
+    checkpoints.save_adapter(model, tmp_path / "a")
+    ml.delete_adapter(model, "default")
+    np.testing.assert_array_equal(model.params["h.0.attn.q.weight"], W)
+    checkpoints.load_adapter(model, tmp_path / "a")
+    np.testing.assert_allclose(model.forward(idx), before, rtol=1e-10, atol=1e-12)

@@ -307,7 +307,10 @@ def finetune(args: Namespace) -> int:
         add_adapter(model, lcfg, name="default", seed=args.seed)
         kind = "DoRA" if lcfg.use_dora else "LoRA"
         mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
-        settings.update(mode="lora", lora=lcfg.to_dict())
+        # the DoRA fields only when on: a LoRA run started before they existed resumes
+        off = {"use_dora", "dora_exact_grad"}
+        lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off}
+        settings.update(mode="lora", lora=lora)
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
     trainer = Trainer(
         model,
