@@ -14,7 +14,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 
 SUBPACKAGES = {
     "basics": ["version", "checks", "backend", "blas"],
-    "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
+    "core": [
+        "layers",
+        "dora",
+        "lora",
+        "model",
+        "adapters",
+        "optim",
+        "gradcheck",
+        "params",
+        "tokenizer",
+    ],
     "files": ["io", "checkpoints"],
     "training": ["batches", "textfile", "data", "planted", "runfolder", "schedule", "train"],
     "lab": [
@@ -39,6 +49,7 @@ SUBPACKAGES = {
         "exercises.whole_model",
         "exercises.many_adapters",
         "exercises.file_format",
+        "exercises.family",
         "exercises.__init__",
     ],
     "cli": ["demo", "commands", "main"],

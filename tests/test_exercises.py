@@ -11,6 +11,7 @@ import pytest
 
 import minilora as ml
 from minilora.cli.main import main
+from minilora.lab.exercises import family as D
 from minilora.lab.exercises import file_format as F
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
@@ -201,6 +202,23 @@ PLANTED = {
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, inverse=True), "upside down"),
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, k=min(W_.shape)), "only the top r"),
     ],
+    "dora_backward": [
+        (lambda *a: D._wrong(*a, exact=True), "that is the exact gradient"),
+        (lambda *a: D._wrong(*a, dm_by_n=False), "dm is missing its 1/n"),
+        (lambda *a: D._wrong(*a, g_on_lora=False), "start from g ⊙ dh"),
+        (  # the base term on the undropped x: PEFT's form recomputes it on D(x)
+            lambda dh, x, W, A, B, m, s, mask=None: (
+                D.dora_backward(dh, x, W, A, B, m, s, mask)[0]
+                + (
+                    0
+                    if mask is None
+                    else ((m / D.weight_norm(W, A, B, s) - 1) * dh) @ W * (1 - mask)
+                ),
+                *D.dora_backward(dh, x, W, A, B, m, s, mask)[1:],
+            ),
+            "dx",
+        ),
+    ],
 }
 
 
@@ -358,7 +376,7 @@ def test_cli_lists_the_exercises_in_reading_order(capsys):
     assert code == 0 and not err
     rows = out.splitlines()
     assert [row.split()[1] for row in rows] == ml.exercises.names()
-    assert rows[0].startswith("01  lora_forward ") and rows[-1].startswith("06  ")
+    assert rows[0].startswith("01  lora_forward ") and rows[-1].startswith("08  dora_backward ")
 
 
 def test_cli_check_passes_a_solution_and_fails_a_wrong_one(capsys, tmp_path):

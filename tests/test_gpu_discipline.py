@@ -304,3 +304,50 @@ def test_the_planted_task_labels_on_the_device(strict_gpu):
         labels[device] = task.batch(0, batch_size=4, block_size=12)
     np.testing.assert_array_equal(labels["cpu"].idx, labels["gpu"].idx)
     np.testing.assert_array_equal(labels["cpu"].targets, labels["gpu"].targets)
+
+
+def test_a_dora_adapter_trains_merges_and_saves_on_the_device(strict_gpu, tmp_path):
+    """DoRA (exact and detached backward, dropout on): the adapter's magnitudes are made
+    on the device, a training step copies only the loss to the host, and merge, unmerge
+    and the adapter files give NumPy's numbers."""
+    for exact in (False, True):
+        config = ml.LoraConfig(
+            r=2,
+            alpha=4,
+            dropout=0.1,
+            target_modules=("q", "fc"),
+            use_dora=True,
+            dora_exact_grad=exact,
+        )
+        models = lora_models(default=config)
+        idx, targets = batch()
+        results = {}
+        for device, model in models.items():
+            model.reseed(5)
+            strict_gpu.transfers.clear()
+            loss = model.loss(idx, targets)
+            model.backward()
+            ml.AdamW(model, lr=1e-2).step()
+            if device == "gpu":
+                assert strict_gpu.transfers.sites() == [
+                    "minilora.core.layers.cross_entropy_forward"
+                ]
+            model.eval()
+            unmerged = model.forward(idx)
+            ml.merge(model)
+            merged = model.forward(idx)
+            ml.unmerge(model)
+            checkpoints.save_adapter(model, tmp_path / f"{device}-{exact}")
+            results[device] = (loss, dict(model.grads), unmerged, merged)
+            assert all(backend.xp_of(p) is model.xp for p in model.params.values())
+        cpu, gpu = results["cpu"], results["gpu"]
+        assert abs(cpu[0] - gpu[0]) < TOL * cpu[0]
+        for name in cpu[1]:
+            same(cpu[1][name], gpu[1][name], name)
+        same(cpu[2], gpu[2], "unmerged")
+        same(cpu[3], gpu[3], "merged")
+        for name in models["cpu"].params:
+            same(models["cpu"].params[name], models["gpu"].params[name], name)
+        fresh = random_model(ml.GPTConfig(**TINY), seed=1, device="gpu").eval()
+        checkpoints.load_adapter(fresh, tmp_path / f"cpu-{exact}")
+        same(cpu[2], fresh.forward(idx), "loaded on the device")

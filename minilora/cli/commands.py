@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from minilora.basics.blas import describe as describe_threads
-from minilora.basics.checks import one_of, positive_int
+from minilora.basics.checks import one_of, positive_int, positive_real
 from minilora.cli.demo import check_demo, holds_only_demo_output, run_demo
 from minilora.core import params
 from minilora.core.adapters import add_adapter, merge, set_adapter
@@ -40,6 +40,7 @@ LORA_DEFAULTS = {
     "targets": "q,v",
     "init": "gaussian",
     "rslora": False,
+    "dora": False,
 }
 """finetune's LoRA options (None on the command line: not given) and their defaults."""
 PRODUCT_FILES = {
@@ -63,6 +64,7 @@ def _train_config(args: Namespace, block_size: int) -> TrainConfig:
         eval_size=args.eval_size,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        loraplus_lr_ratio=getattr(args, "loraplus_ratio", None),  # finetune only
     )
 
 
@@ -187,6 +189,13 @@ def _check_finetune(args: Namespace) -> None:
             f"--full fine-tunes every weight without an adapter, so {', '.join(given)} "
             "would be ignored; drop --full, or drop the LoRA options"
         )
+    if args.loraplus_ratio is not None:
+        positive_real("--loraplus-ratio", args.loraplus_ratio)
+    if args.full and args.loraplus_ratio is not None:
+        raise ValueError(
+            "--loraplus-ratio sets B's learning rate apart from A's; --full fine-tunes "
+            "without an adapter, so there is no B: drop --full, or drop --loraplus-ratio"
+        )
     for name, default in LORA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -293,10 +302,15 @@ def finetune(args: Namespace) -> int:
             target_modules=_targets(args.targets),
             init=args.init,
             use_rslora=args.rslora,
+            use_dora=args.dora,
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
-        mode = f"LoRA r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
-        settings.update(mode="lora", lora=lcfg.to_dict())
+        kind = "DoRA" if lcfg.use_dora else "LoRA"
+        mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        # the DoRA fields only when on: a LoRA run started before they existed resumes
+        off = {"use_dora", "dora_exact_grad"}
+        lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off}
+        settings.update(mode="lora", lora=lora)
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
     trainer = Trainer(
         model,
@@ -356,7 +370,9 @@ def params_command(args: Namespace) -> int:
         print(
             "minilora params: note: arithmetic only; --device gpu changes nothing", file=sys.stderr
         )
-    table = params.accounting_table(args.preset, r=args.rank, targets=_targets(args.targets))
+    table = params.accounting_table(
+        args.preset, r=args.rank, targets=_targets(args.targets), dora=args.dora
+    )
     if args.json:
         json.dump(table, sys.stdout, indent=2)
         print()

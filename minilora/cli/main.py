@@ -212,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scale by alpha/sqrt(r) (default: alpha/r)",
     )
+    p.add_argument(
+        "--dora",
+        action="store_const",
+        const=True,
+        default=None,
+        help="DoRA: a trainable magnitude per output feature beside A and B (default: off)",
+    )
+    p.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: B (and DoRA's magnitude) learn at lr x this ratio, e.g. 16 (default: off)",
+    )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 
@@ -256,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _rank(p, alpha=False)
     _targets(p)
+    p.add_argument(
+        "--dora", action="store_true", help="count DoRA's magnitudes too (d_out per matrix)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(

@@ -18,12 +18,14 @@ import numpy as np
 
 from minilora.basics.backend import require_memory, to_host
 from minilora.basics.checks import non_negative_int, one_of, positive_int, real
+from minilora.core.dora import dora_weight, weight_norm
 from minilora.core.lora import (
     TARGET_MODULES,
     Adapter,
     LoraConfig,
     delta_weight,
     lora_names,
+    magnitude_name,
     module_order,
     module_path,
     pissa_factors,
@@ -31,7 +33,7 @@ from minilora.core.lora import (
 )
 from minilora.core.model import GPT, require_gpt
 
-Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A, B) on the host
+Factors = Mapping[str, tuple[np.ndarray, ...]]  # module -> (A, B), or (A, B, m), on the host
 
 
 # ----------------------------------------------------------------------- checks
@@ -115,6 +117,21 @@ def apply_pissa_split(
     return {module: (A, B) for module, (A, B, _) in split.items()}, before
 
 
+def dora_magnitudes(model: GPT, factors: Factors, config: LoraConfig) -> dict:
+    """DoRA's initial magnitude m = ||W + s B A|| per row of each module: {module: (A, B, m)}.
+
+    Computed on the model's device in its dtype, by the same function as the forward's
+    norm n: so m / n is exactly 1 at step 0 and the model is unchanged (m = ||W|| at
+    B = 0; with PiSSA, W is the residual and W + s B A the original weight).
+    """
+    out = {}
+    for module, (A, B) in factors.items():
+        on_device = (model.backend.asarray(a, dtype=model.dtype) for a in (A, B))
+        m = weight_norm(model.params[f"{module}.weight"], *on_device, config.scale)
+        out[module] = (A, B, to_host(m))
+    return out
+
+
 def install_adapter(
     model: GPT,
     name: str,
@@ -171,6 +188,8 @@ def add_adapter(
     else:
         shapes = {m: model.params[f"{m}.weight"].shape for m in modules}
         factors = {m: random_factors(*shapes[m], config.r, config.init, rng) for m in modules}
+    if config.use_dora:
+        factors = dora_magnitudes(model, factors, config)
     install_adapter(model, name, config, factors, fingerprint, pissa_init, pissa_base=pissa_base)
 
 
@@ -186,6 +205,13 @@ def set_adapter(model: GPT, names: str | Sequence[str]) -> None:
         require_adapter(model, n)
     if len(set(names)) != len(names):
         raise ValueError(f"adapter names {names} repeat")
+    dora = [n for n in names if model.adapters[n].config.use_dora]
+    if dora and len(names) > 1:
+        raise ValueError(
+            f"adapter {dora[0]!r} uses DoRA, which rescales the whole weight W + s B A to "
+            f"its magnitude: it cannot be stacked with other adapters ({names}); "
+            "activate it alone"
+        )
     require_unmerged(model, "switch adapters")
     model.activate_adapters(names)
 
@@ -225,12 +251,17 @@ def delete_adapter(model: GPT, name: str) -> list[str]:
 
 # ---------------------------------------------------------------------- merging
 def _apply_delta(model: GPT, name: str) -> None:
-    """W <- W + s B A on every module of adapter ``name`` (in place: the live array)."""
+    """W <- W + s B A on every module of adapter ``name`` (in place: the live array);
+    for DoRA, W <- m ⊙ (W + s B A) / ||W + s B A|| (dora.dora_weight)."""
     adapter = model.adapters[name]
     for module in adapter.modules:
-        A_name, B_name = lora_names(module, name)
-        dW = delta_weight(model.params[A_name], model.params[B_name], adapter.config.scale)
-        model.params[f"{module}.weight"] += dW
+        A, B = (model.params[n] for n in lora_names(module, name))
+        W = model.params[f"{module}.weight"]
+        if adapter.config.use_dora:
+            m = model.params[magnitude_name(module, name)]
+            W[...] = dora_weight(W, A, B, m, adapter.config.scale)
+        else:
+            W += delta_weight(A, B, adapter.config.scale)
 
 
 def merge(model: GPT) -> None:
@@ -284,6 +315,11 @@ def _check_combination(
         if a.pissa_init:
             raise ValueError(
                 f"adapter {a.name!r} uses init='pissa', which rewrote W; it cannot be combined"
+            )
+        if a.config.use_dora:
+            raise ValueError(
+                f"adapter {a.name!r} uses DoRA: its update is not s B A alone (its magnitude "
+                f"rescales W too), so it cannot be combined (method {method!r})"
             )
     if len(weights) != len(names):
         raise ValueError(f"weights={weights!r} must be {len(names)} numbers, one per adapter")

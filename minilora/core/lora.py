@@ -22,7 +22,8 @@ model costs; unmerging subtracts it again.
 This module holds the pair (``lora_forward`` / ``lora_backward``), the whole layer
 (``lora_linear_forward`` / ``lora_linear_backward``, which the model runs for every
 linear), ``delta_weight``, the initialisations, and ``LoraConfig``. It never touches
-a model: putting adapters on a GPT is ``adapters.py``'s job.
+a model: putting adapters on a GPT is ``adapters.py``'s job. A DoRA adapter
+(``LoraConfig(use_dora=True)``) is a branch with a magnitude: its pair is in ``dora.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from minilora.basics.checks import (
     probability,
     real,
 )
+from minilora.core.dora import DoraCache, dora_backward, dora_forward
 from minilora.core.layers import (
     as_rows,
     dropout_backward,
@@ -128,12 +130,18 @@ def lora_backward(
 
 
 class LoraBranch(NamedTuple):
-    """One adapter on a linear: its factors, its scale s and its dropout mask (or None)."""
+    """One adapter on a linear: its factors, its scale s and its dropout mask (or None).
+
+    A DoRA branch also has its magnitude m (d_out,) and says which backward it wants
+    (``exact_grad``: through the norm; default detached, see dora.py).
+    """
 
     A: Array  # (r, d_in)
     B: Array  # (d_out, r)
     scale: float
     mask: Array | None = None  # (N..., d_in), from layers.dropout_mask; None in eval
+    magnitude: Array | None = None  # DoRA's m (d_out,); None for plain LoRA
+    exact_grad: bool = False  # DoRA only
 
 
 def lora_linear_forward(
@@ -148,7 +156,9 @@ def lora_linear_forward(
 
     One branch is the LoRA layer of the paper; several are stacked adapters (their
     updates add); none is the plain linear. The base and each branch are terms of a
-    sum, so the forward adds the pairs' outputs and the backward adds their dx.
+    sum, so the forward adds the pairs' outputs and the backward adds their dx. A DoRA
+    branch (one with a magnitude) adds dora.dora_forward's correction instead, so with
+    it alone h = x W'^T + b (the model never stacks it with another branch).
     x (N..., d_in), W (d_out, d_in), b (d_out,) or None -> h (N..., d_out).
     ``need_dW`` and ``need_dAB`` (per branch, default all) are the flags the backward
     will get: the caches keep only what those gradients use. Under LoRA a frozen
@@ -157,8 +167,12 @@ def lora_linear_forward(
     h, base_cache = linear_forward(x, W, b, need_dW=need_dW)
     need_dAB = [(True, True)] * len(branches) if need_dAB is None else need_dAB
     lora_caches = []
-    for (A, B, scale, mask), (need_dA, need_dB) in zip(branches, need_dAB, strict=True):
-        delta_h, lora_cache = lora_forward(x, A, B, scale, mask, need_dA, need_dB)
+    for branch, need in zip(branches, need_dAB, strict=True):
+        A, B, scale, mask, magnitude, exact_grad = branch
+        if magnitude is not None:  # DoRA: every gradient needs z and u, so keep them all
+            delta_h, lora_cache = dora_forward(x, W, A, B, magnitude, scale, mask, exact_grad)
+        else:
+            delta_h, lora_cache = lora_forward(x, A, B, scale, mask, need[0], need[1])
         h += delta_h  # in place: h is the fresh output of linear_forward
         lora_caches.append(lora_cache)
     return h, (base_cache, lora_caches)
@@ -176,16 +190,25 @@ def lora_linear_backward(
     Every gradient by default, as ``linear_backward``. Under LoRA, W and b are frozen:
     pass need_dW = need_db = False (the model does), and the base contributes only the
     pass-through dx = dh W; dW is never formed. ``need_dAB`` says per branch whether
-    dA and dB are wanted (default: all). Returns (dx, dW, db, [(dA_j, dB_j) ...]).
+    dA and dB are wanted (default: all). Returns (dx, dW, db, [(dA_j, dB_j) ...]); a
+    DoRA branch gives (dA_j, dB_j, dm_j), and its need flags may be a triple too.
     """
     base_cache, lora_caches = cache
-    need_dAB = [(True, True)] * len(lora_caches) if need_dAB is None else need_dAB
+    need_dAB = [(True, True, True)] * len(lora_caches) if need_dAB is None else need_dAB
     dx, dW, db = linear_backward(dh, base_cache, need_dW=need_dW, need_db=need_db)
-    dAB = []
-    for lora_cache, (need_dA, need_dB) in zip(lora_caches, need_dAB, strict=True):
-        dx_lora, dA, dB = lora_backward(dh, lora_cache, need_dA, need_dB)
+    dAB: list = []
+    for lora_cache, need in zip(lora_caches, need_dAB, strict=True):
+        if isinstance(lora_cache, DoraCache):
+            dx_lora, dA, dB, dm, dW_dora = dora_backward(dh, lora_cache, need_dW)
+            if dW_dora is not None:  # W feeds the base and the DoRA correction
+                dW += dW_dora
+            need = (*need, True)[:3]  # a pair of flags says nothing of m: keep dm
+            grads = (dA, dB, dm)
+            dAB.append(tuple(g if wanted else None for g, wanted in zip(grads, need, strict=True)))
+        else:
+            dx_lora, dA, dB = lora_backward(dh, lora_cache, need[0], need[1])
+            dAB.append((dA, dB))
         dx += dx_lora  # x feeds the base and every branch: their gradients add
-        dAB.append((dA, dB))
     return dx, dW, db, dAB
 
 
@@ -240,7 +263,10 @@ class LoraConfig:
     training; target_modules: the linears of each block to adapt (q k v o fc proj);
     init: "gaussian" (A ~ N(0, 1/r^2)), "kaiming" (A ~ U(+-1/sqrt(d_in))), both with
     B = 0, or "pissa" (A, B from W's top-r singular vectors, W keeps the rest);
-    layers: block indices to adapt (None = all).
+    layers: block indices to adapt (None = all); use_dora: DoRA (Liu et al. 2024), a
+    trainable magnitude per output feature beside A and B (dora.py);
+    dora_exact_grad: DoRA's backward follows the norm ||W + s B A|| too (default: the
+    norm is detached, as in the paper's §4.3 and PEFT).
     """
 
     r: int = 8
@@ -250,6 +276,8 @@ class LoraConfig:
     init: str = "gaussian"
     use_rslora: bool = False
     layers: tuple[int, ...] | None = None
+    use_dora: bool = False
+    dora_exact_grad: bool = False
 
     def __post_init__(self) -> None:
         targets = distinct_names("target_modules", self.target_modules, TARGET_MODULES, NOT_TARGETS)
@@ -261,7 +289,11 @@ class LoraConfig:
             "init": one_of("init", self.init, INITS),
             "use_rslora": boolean("use_rslora", self.use_rslora),
             "layers": None if self.layers is None else distinct_indices("layers", self.layers),
+            "use_dora": boolean("use_dora", self.use_dora),
+            "dora_exact_grad": boolean("dora_exact_grad", self.dora_exact_grad),
         }
+        if checked["dora_exact_grad"] and not checked["use_dora"]:
+            raise ValueError("dora_exact_grad=True is a DoRA option; it needs use_dora=True")
         for name, value in checked.items():  # frozen dataclass: store the normalised values
             object.__setattr__(self, name, value)
 
@@ -278,10 +310,17 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: Any) -> LoraConfig:
-        """The inverse of :meth:`to_dict`; every field is checked as in the constructor."""
+        """The inverse of :meth:`to_dict`; every field is checked as in the constructor.
+
+        The DoRA fields may be absent (files written before DoRA existed): plain LoRA.
+        """
         known = sorted(cls.__dataclass_fields__)
-        if not isinstance(d, dict) or set(d) != set(known):
-            raise ValueError(f"not a LoRA config: {d!r}; it needs exactly the keys {known}")
+        optional = {"use_dora", "dora_exact_grad"}
+        if not isinstance(d, dict) or not set(known) - optional <= set(d) <= set(known):
+            raise ValueError(
+                f"not a LoRA config: {d!r}; it needs exactly the keys {known} "
+                "(use_dora and dora_exact_grad may be left out)"
+            )
         for key in ("target_modules", "layers"):  # a file's "qv" is not the list ["q", "v"]
             if not isinstance(d[key], list) and not (key == "layers" and d[key] is None):
                 raise TypeError(f"LoRA config {key}={d[key]!r} must be a list")
@@ -320,3 +359,14 @@ def module_order(module: str) -> tuple[int, int]:
 def lora_names(module: str, adapter: str) -> tuple[str, str]:
     """The parameter names of A and B of ``adapter`` on ``module``."""
     return f"{module}.lora_A.{adapter}", f"{module}.lora_B.{adapter}"
+
+
+def magnitude_name(module: str, adapter: str) -> str:
+    """The parameter name of a DoRA adapter's magnitude m on ``module``."""
+    return f"{module}.lora_magnitude.{adapter}"
+
+
+def adapter_names(module: str, adapter: str, config: LoraConfig) -> tuple[str, ...]:
+    """Every parameter name ``adapter`` has on ``module``: A, B, and m with DoRA."""
+    extra = (magnitude_name(module, adapter),) if config.use_dora else ()
+    return (*lora_names(module, adapter), *extra)

@@ -82,9 +82,11 @@ from minilora.core.layers import (
 from minilora.core.lora import (
     Adapter,
     LoraBranch,
+    adapter_names,
     lora_linear_backward,
     lora_linear_forward,
     lora_names,
+    magnitude_name,
 )
 
 Array = Any
@@ -297,17 +299,21 @@ class GPT:
         """The active adapters whose update is inside W now; a copy."""
         return list(self._merged)
 
-    def attach_adapter(self, adapter: Adapter, factors: Mapping[str, tuple[Any, Any]]) -> None:
-        """Register ``adapter`` and put its host factors {module: (A, B)} into ``params``.
+    def attach_adapter(self, adapter: Adapter, factors: Mapping[str, tuple[Any, ...]]) -> None:
+        """Register ``adapter`` and put its host factors {module: (A, B)} into ``params``
+        ({module: (A, B, m)} for a DoRA adapter, m its magnitude).
 
-        The new A and B start frozen; :meth:`activate_adapters` makes them trainable.
+        The new parameters start frozen; :meth:`activate_adapters` makes them trainable.
         """
         if adapter.name in self._adapters:
             raise ValueError(f"adapter {adapter.name!r} exists already")
         if set(factors) != set(adapter.modules):
             raise ValueError(f"factors {sorted(factors)} do not match modules {adapter.modules}")
-        for module, (A, B) in factors.items():
-            for pname, value in zip(lora_names(module, adapter.name), (A, B), strict=True):
+        for module, arrays in factors.items():
+            names = adapter_names(module, adapter.name, adapter.config)
+            if len(arrays) != len(names):
+                raise ValueError(f"{module}: {len(arrays)} arrays for the parameters {names}")
+            for pname, value in zip(names, arrays, strict=True):
                 self.params[pname] = self.backend.asarray(value, dtype=self.dtype)
                 self.frozen.add(pname)
         self._adapters[adapter.name] = adapter
@@ -316,7 +322,7 @@ class GPT:
         """Remove an adapter's A and B (and gradients); returns its record."""
         adapter = self._adapters.pop(name)
         for module in adapter.modules:
-            for pname in lora_names(module, name):
+            for pname in adapter_names(module, name, adapter.config):
                 del self.params[pname]
                 self.frozen.discard(pname)
                 self.grads.pop(pname, None)
@@ -332,7 +338,7 @@ class GPT:
         self._active = list(names)
         for adapter in self._adapters.values():
             for module in adapter.modules:
-                pnames = lora_names(module, adapter.name)
+                pnames = adapter_names(module, adapter.name, adapter.config)
                 if adapter.name in names:
                     self.frozen.difference_update(pnames)
                 else:
@@ -389,7 +395,8 @@ class GPT:
 
     # ----------------------------------------------------------------- forward
     def _linear(self, module: str, x: Array, train: bool) -> tuple[Array, tuple]:
-        """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer)."""
+        """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer);
+        a DoRA adapter's branch carries its magnitude (lora.LoraBranch)."""
         p = self.params
         live = self._live_adapters(module)
         branches, need_dAB = [], []
@@ -397,7 +404,9 @@ class GPT:
             config = self._adapters[name].config
             mask = dropout_mask(x.shape, config.dropout, self.rng, self.dtype) if train else None
             A_name, B_name = lora_names(module, name)
-            branches.append(LoraBranch(p[A_name], p[B_name], config.scale, mask))
+            m = p[magnitude_name(module, name)] if config.use_dora else None
+            branch = LoraBranch(p[A_name], p[B_name], config.scale, mask, m, config.dora_exact_grad)
+            branches.append(branch)
             need_dAB.append((self.is_trainable(A_name), self.is_trainable(B_name)))
         W, b = p[f"{module}.weight"], p[f"{module}.bias"]
         # cache only what the backward will use: a frozen W needs no x (dx = dh W)
@@ -482,21 +491,22 @@ class GPT:
             self.grads[name] = g
 
     def _linear_backward(self, dh: Array, cache: tuple) -> Array:
-        """dx through the LoRA layer; dW, db only if trainable, dA, dB of live adapters."""
+        """dx through the LoRA layer; dW, db only if trainable; dA, dB (and DoRA's dm) of
+        live adapters."""
         module, live, layer_cache = cache
-        lora = [lora_names(module, name) for name in live]
+        names = [adapter_names(module, name, self._adapters[name].config) for name in live]
         dx, dW, db, dAB = lora_linear_backward(
             dh,
             layer_cache,
             need_dW=self.is_trainable(f"{module}.weight"),  # frozen: pass dx through only
             need_db=self.is_trainable(f"{module}.bias"),
-            need_dAB=[(self.is_trainable(A), self.is_trainable(B)) for A, B in lora],
+            need_dAB=[tuple(self.is_trainable(n) for n in pnames) for pnames in names],
         )
         self._set_grad(f"{module}.weight", dW)
         self._set_grad(f"{module}.bias", db)
-        for (A_name, B_name), (dA, dB) in zip(lora, dAB, strict=True):
-            self._set_grad(A_name, dA)
-            self._set_grad(B_name, dB)
+        for pnames, grads in zip(names, dAB, strict=True):
+            for pname, grad in zip(pnames, grads, strict=True):
+                self._set_grad(pname, grad)
         return dx
 
     def _layer_norm_backward(self, dy: Array, cache: Any, ln: str) -> Array:
@@ -634,7 +644,7 @@ class GPT:
             self.params[name][...] = self.backend.asarray(value, dtype=self.dtype)
 
     def base_names(self) -> list[str]:
-        """The pretrained parameters (everything that is not a LoRA A or B)."""
+        """The pretrained parameters (everything that is not an adapter's: A, B, DoRA's m)."""
         return [n for n in self.params if ".lora_" not in n]
 
     def base_fingerprint(self) -> str:

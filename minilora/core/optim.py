@@ -3,6 +3,10 @@
 They walk ``model.grads``, which holds entries for trainable parameters only, so a
 frozen base costs no optimizer state at all: with LoRA, AdamW keeps two moments for
 A and B and nothing for W. That is the other half of LoRA's memory saving.
+
+LoRA+ (Hayou et al. 2024): B learns faster than A. ``AdamW(model, lr,
+loraplus_lr_ratio=16)`` gives every parameter of :func:`loraplus_groups`' "B" group
+the learning rate lr x ratio, and the others lr; the schedule still sets ``lr``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,24 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
-from minilora.basics.checks import in_range, non_negative_int
+from minilora.basics.checks import in_range, non_negative_int, positive_real
 from minilora.core.model import GPT, require_gpt
+
+
+def loraplus_groups(model: GPT) -> dict[str, list[str]]:
+    """The trainable parameters in LoRA+'s two groups, as PEFT's create_loraplus_optimizer
+    makes them: "B" learns at lr x ratio, "A" at lr.
+
+    "B": every lora_B, and every trainable 1-D vector (DoRA's magnitude, and biases or
+    layer-norm parameters if they train). "A": everything else (every lora_A, and whole
+    matrices if they train). PEFT's rule is by name and by shape, ``"lora_B" in name or
+    param.ndim == 1``; ours is the same rule on minilora's names.
+    """
+    groups: dict[str, list[str]] = {"A": [], "B": []}
+    for name in require_gpt(model).trainable_names():
+        fast = ".lora_B." in name or model.params[name].ndim == 1
+        groups["B" if fast else "A"].append(name)
+    return groups
 
 
 class Optimizer:
@@ -28,10 +48,16 @@ class Optimizer:
     slots: tuple[str, ...] = ()
     non_negative: tuple[str, ...] = ()  # slots that can never be negative
 
-    def __init__(self, model: GPT, lr: float, weight_decay: float) -> None:
+    def __init__(
+        self, model: GPT, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+    ) -> None:
         self.model = require_gpt(model)
         self.lr = in_range("lr", lr, 0.0)
         self.weight_decay = in_range("weight_decay", weight_decay, 0.0)
+        ratio = loraplus_lr_ratio
+        self.loraplus_lr_ratio = (
+            None if ratio is None else positive_real("loraplus_lr_ratio", ratio)
+        )
         self.t = 0  # steps taken
         self.state: dict[str, dict[str, Any]] = {}  # name -> {"m": ..., "v": ...}
         self._owners: dict[str, Any] = {}  # name -> the parameter array its state belongs to
@@ -52,6 +78,14 @@ class Optimizer:
         if name not in self._scratch:
             self._scratch[name] = self.model.xp.empty_like(p)
         return self._scratch[name]
+
+    def lr_of(self, name: str) -> float:
+        """The learning rate of parameter ``name`` now: lr, or lr x ratio for LoRA+'s
+        group "B" (:func:`loraplus_groups`: lora_B and trainable 1-D vectors)."""
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (".lora_B." in name or self.model.params[name].ndim == 1):
+            return self.lr * ratio
+        return self.lr
 
     def zero_grad(self) -> None:
         self.model.grads = {}
@@ -177,7 +211,8 @@ class AdamW(Optimizer):
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
     The defaults (``ADAMW_DEFAULTS``) are torch.optim.AdamW's, except weight_decay:
-    0 here, 0.01 in torch.
+    0 here, 0.01 in torch. ``loraplus_lr_ratio``: LoRA+, lr x ratio for lora_B and
+    trainable 1-D vectors (their decay too, as torch decays by each group's lr).
     """
 
     slots = ("m", "v")  # the first and second moments
@@ -190,8 +225,9 @@ class AdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
-        super().__init__(model, lr, weight_decay)
+        super().__init__(model, lr, weight_decay, loraplus_lr_ratio)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2)")
         self.b1 = in_range("betas[0]", betas[0], 0.0, 1.0)
@@ -206,6 +242,7 @@ class AdamW(Optimizer):
         correction2 = 1.0 - self.b2**self.t
         for name, g in self.model.grads.items():
             p = self.model.params[name]
+            lr = self.lr_of(name)
             slots = self._slots(name, p)
             m, v = slots["m"], slots["v"]
             buf = self._scratch_for(name, p)  # instead of a temporary per operation
@@ -216,19 +253,19 @@ class AdamW(Optimizer):
             buf *= 1.0 - self.b2
             v += buf
             if self._decays(name):
-                p -= self.lr * self.weight_decay * p
+                p -= lr * self.weight_decay * p
             xp.sqrt(v, out=buf)  # the step m_hat / (sqrt(v_hat) + eps), as torch writes it:
             buf *= 1.0 / math.sqrt(correction2)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
             buf += self.eps
             xp.divide(m, buf, out=buf)
-            buf *= self.lr / correction1
+            buf *= lr / correction1
             p -= buf
 
 
 ADAMW_DEFAULTS: dict[str, Any] = {
     name: parameter.default
     for name, parameter in inspect.signature(AdamW).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
+    if parameter.default is not inspect.Parameter.empty and name != "loraplus_lr_ratio"
 }
 """{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}: read off
 AdamW's signature, so the benchmark and the PyTorch reference use the same numbers."""

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from minilora.basics.checks import distinct_indices, distinct_names, one_of, positive_int
+from minilora.basics.checks import boolean, distinct_indices, distinct_names, one_of, positive_int
 from minilora.core.adapters import check_rank
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPTConfig, parameter_shapes
@@ -122,8 +122,10 @@ def lora_parameter_count(
     r: int,
     targets: str | Iterable[str],
     layers: Iterable[int] | None = None,
+    dora: bool = False,
 ) -> int:
-    """LoRA parameters: r (d_in + d_out) per adapted Linear, over the chosen layers.
+    """LoRA parameters: r (d_in + d_out) per adapted Linear, over the chosen layers;
+    with ``dora``, DoRA's magnitude adds d_out per adapted Linear.
 
     ``layers`` restricts the adapters to some block indices (default: all). For GPT-3
     175B with r=4 on q and v: 96 * 2 * 4 * (12288 + 12288) = 18,874,368, as in the paper.
@@ -134,6 +136,8 @@ def lora_parameter_count(
     targets = _check_targets(targets)
     n_adapted = n_layer if layers is None else len(distinct_indices("layers", layers, n_layer))
     per_layer = sum(r * sum(_target_shape(t, d_model)) for t in targets)
+    if boolean("dora", dora):
+        per_layer += sum(_target_shape(t, d_model)[1] for t in targets)  # m: (d_out,)
     return n_adapted * per_layer
 
 
@@ -211,8 +215,11 @@ def memory_estimate(
     targets: str | Iterable[str] = ("q", "v"),
     bytes_per_param: int = 4,
     optimizer: str = "adamw",
+    dora: bool = False,
 ) -> dict[str, int]:
     """Training memory in bytes, split by what it holds; full fine-tuning when ``r`` is None.
+    ``dora``: the adapters are DoRA's (d_out more trainable numbers per matrix; the
+    activation estimate is LoRA's, without DoRA's extra cache of one (rows, d_out)).
 
     - weights: every parameter (base + adapters) at ``bytes_per_param``
     - gradients: trainable parameters only, at ``bytes_per_param``
@@ -239,7 +246,7 @@ def memory_estimate(
     if r is None:
         stored, trainable = base, base
     else:
-        trainable = lora_parameter_count(c["n_layer"], c["d_model"], r, targets)
+        trainable = lora_parameter_count(c["n_layer"], c["d_model"], r, targets, dora=dora)
         stored = base + trainable
     out = {
         "params": stored,
@@ -265,12 +272,14 @@ def accounting_table(
     r: int = 8,
     targets: str | Iterable[str] = ("q", "v"),
     bytes_per_param: int | None = None,
+    dora: bool = False,
 ) -> dict[str, Any]:
     """Full fine-tuning vs LoRA for a preset (or a config dict), as a JSON-able dict.
 
     Keys: preset, config, bytes_per_param, architecture (per-group counts), total,
     trainable (with LoRA), full and lora (each: trainable and a memory breakdown, see
-    :func:`memory_estimate`), ratio (full trainable / LoRA trainable).
+    :func:`memory_estimate`), ratio (full trainable / LoRA trainable). ``dora``: DoRA
+    adapters (their magnitudes counted).
     """
     if isinstance(preset_name, str):
         name, config = preset_name, preset(preset_name)
@@ -290,7 +299,7 @@ def accounting_table(
         config["d_model"],
     )
     full = memory_estimate(config, None, targets, bytes_per_param)
-    lora = memory_estimate(config, r, targets, bytes_per_param)
+    lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora)
     return {
         "preset": name,
         "config": dict(config),
@@ -299,7 +308,13 @@ def accounting_table(
         "total": arch["total"],
         "trainable": lora["trainable"],
         "full": {"trainable": full["trainable"], "memory": full},
-        "lora": {"r": r, "targets": list(targets), "trainable": lora["trainable"], "memory": lora},
+        "lora": {
+            "r": r,
+            "targets": list(targets),
+            "dora": dora,
+            "trainable": lora["trainable"],
+            "memory": lora,
+        },
         "ratio": full["trainable"] / lora["trainable"],
     }
 
@@ -330,7 +345,8 @@ def format_accounting(table: Mapping[str, Any]) -> str:
         f"{c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
         f"batch {c['batch_size']} ({bpp} bytes/param)"
     )
-    lora_head = f"LoRA r={lora['r']} ({', '.join(lora['targets'])})"
+    kind = "DoRA" if lora.get("dora") else "LoRA"
+    lora_head = f"{kind} r={lora['r']} ({', '.join(lora['targets'])})"
     rows = [("", "full fine-tuning", lora_head)]
     rows.append(
         (
@@ -358,7 +374,7 @@ def format_accounting(table: Mapping[str, Any]) -> str:
     lines += [f"{a:<{w0}}  {b:>{w1}}  {c_:>{w2}}" for a, b, c_ in rows]
     lines += [
         "",
-        f"total parameters: {table['total']:,}; LoRA trains {lora['trainable']:,} "
+        f"total parameters: {table['total']:,}; {kind} trains {lora['trainable']:,} "
         f"({table['ratio']:,.0f}x fewer than full fine-tuning)",
     ]
     return "\n".join(lines)
@@ -370,10 +386,10 @@ def format_accounting(table: Mapping[str, Any]) -> str:
 def module_key(name: str) -> str:
     """The module a parameter belongs to: 'h.0.attn.q.weight' -> 'h.0.attn.q'.
 
-    LoRA matrices count under the Linear they adapt: 'h.0.attn.q.lora_A.default' ->
-    'h.0.attn.q' (the adapter name may itself contain dots).
+    LoRA matrices (and DoRA's magnitude) count under the Linear they adapt:
+    'h.0.attn.q.lora_A.default' -> 'h.0.attn.q' (the adapter name may itself contain dots).
     """
-    for marker in (".lora_A.", ".lora_B."):
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude."):
         if marker in name:
             return name.split(marker, 1)[0]
     head, _, last = name.rpartition(".")

@@ -4,6 +4,7 @@ Adapters use PEFT's two file names::
 
     DIR/adapter_config.json          LoRA config, base fingerprint, minilora version
     DIR/adapter_model.safetensors    h.{i}.{attn|mlp}.{t}.lora_A / .lora_B, nothing else
+                                     (DoRA: also .lora_magnitude_vector, PEFT's name)
 
 so an adapter is r (d_in + d_out) numbers per adapted matrix: kilobytes where the model
 is megabytes. Everything read is validated before the model is touched, and every
@@ -32,7 +33,7 @@ from minilora.core.adapters import (
     pissa_split,
     require_unmerged,
 )
-from minilora.core.lora import LoraConfig, lora_names
+from minilora.core.lora import LoraConfig, lora_names, magnitude_name
 from minilora.core.model import (
     GPT,
     GPTConfig,
@@ -48,6 +49,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m in a file: PEFT's name for it
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
@@ -104,6 +106,8 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
         A_name, B_name = lora_names(module, name)
         tensors[f"{module}.lora_A"] = to_host(model.params[A_name])
         tensors[f"{module}.lora_B"] = to_host(model.params[B_name])
+        if adapter.config.use_dora:
+            tensors[f"{module}.{MAGNITUDE}"] = to_host(model.params[magnitude_name(module, name)])
     weights = directory / ADAPTER_WEIGHTS
     config = directory / ADAPTER_CONFIG
     save_safetensors(weights, tensors, metadata={"format": "minilora-adapter"})
@@ -165,7 +169,8 @@ def load_adapter(
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
     tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
-    expected = {f"{m}.lora_{x}" for m in modules for x in "AB"}
+    kinds = ["lora_A", "lora_B"] + ([MAGNITUDE] if config.use_dora else [])
+    expected = {f"{m}.{kind}" for m in modules for kind in kinds}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(
@@ -175,19 +180,21 @@ def load_adapter(
     factors = {}
     for module in modules:
         d_out, d_in = model.params[f"{module}.weight"].shape
-        A, B = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
-        for key, array, shape in (("A", A, (config.r, d_in)), ("B", B, (d_out, config.r))):
+        shapes = {"lora_A": (config.r, d_in), "lora_B": (d_out, config.r), MAGNITUDE: (d_out,)}
+        arrays = tuple(tensors[f"{module}.{kind}"] for kind in kinds)
+        for kind, array in zip(kinds, arrays, strict=True):
+            shape = shapes[kind]
             if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
                 raise ValueError(
-                    f"{directory}: {module}.lora_{key} has shape {array.shape} and dtype "
+                    f"{directory}: {module}.{kind} has shape {array.shape} and dtype "
                     f"{array.dtype}; expected a float array of shape {shape}"
                 )
             if not finite_as(array, model.dtype):
                 raise ValueError(
-                    f"{directory}: {module}.lora_{key} contains NaN or inf (as {model.dtype.name})"
+                    f"{directory}: {module}.{kind} contains NaN or inf (as {model.dtype.name})"
                 )
-        _check_update_fits(config_path, config, module, A, B, model.dtype)
-        factors[module] = (A, B)
+        _check_update_fits(config_path, config, module, arrays[0], arrays[1], model.dtype)
+        factors[module] = arrays
     split = pissa_split(model, modules, config) if config.init == "pissa" else {}
     if split:  # the same SVD of the same W gives the same residual: check that it does
         after = {n: model.params[n] for n in model.base_names()}

@@ -2,8 +2,15 @@
 
 ``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
 (cs231n's ``gradient_check.py``); this module decides what to check: every op of
-``layers.py``, the LoRA layer with two stacked adapters, and the tiny GPT with full
-fine-tuning and with LoRA on every target, all in float64.
+``layers.py``, the LoRA layer with two stacked adapters, DoRA's correction with each
+backward, and the tiny GPT with full fine-tuning, with LoRA and with DoRA on every
+target, all in float64.
+
+DoRA has two rows because it has two backwards (dora.py). The exact one is checked
+against finite differences of the forward itself. The detached one (the default, the
+paper's and PEFT's) is the gradient of a different function, the forward with the
+norm ||W + s B A|| held at its value: finite differences of the full forward would
+see the norm move and disagree. Its row holds the norm fixed (``norm=``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 from minilora.basics.backend import get_backend, to_host, xp_of
 from minilora.core import layers as L
 from minilora.core.adapters import add_adapter
+from minilora.core.dora import dora_backward, dora_forward, weight_norm
 from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
 from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
 from minilora.core.model import GPT
@@ -45,6 +53,11 @@ def _lora_linear_grads(dh: Array, cache: tuple) -> tuple:
     return dx, dA1, dB1, dA2, dB2
 
 
+def _dora_grads(dh: Array, cache: tuple) -> tuple:
+    """dora_backward's gradients in the order (x, A, B, m)."""
+    return dora_backward(dh, cache)[:4]
+
+
 def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     """Check every op, the LoRA layer, and the tiny GPT (full and LoRA) in float64.
 
@@ -62,6 +75,8 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     targets = xp.asarray(rng.integers(-1, 7, size=(3, 5)))
     targets[0, 0] = 1  # at least one counted position
     W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
+    dora = dict(x=arr(3, 5, 6), A=arr(2, 6), B=arr(4, 2), m=arr(4))
+    norm = weight_norm(W_lora, dora["A"], dora["B"], 1.5)  # n at the checked point, held
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -99,6 +114,18 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             _lora_linear_grads,
             dict(x=arr(3, 5, 6), A1=arr(2, 6), B1=arr(4, 2), A2=arr(3, 6), B2=arr(4, 3)),
         ),
+        (
+            "dora_detached",  # the default backward: the forward with n held fixed
+            lambda x, A, B, m: dora_forward(x, W_lora, A, B, m, 1.5, mask, norm=norm),
+            _dora_grads,
+            dora,
+        ),
+        (
+            "dora_exact",  # the backward through n = ||W + s B A||: the forward itself
+            lambda x, A, B, m: dora_forward(x, W_lora, A, B, m, 1.5, mask, exact_grad=True),
+            _dora_grads,
+            dora,
+        ),
     ]
     results = []
     for name, forward, backward, inputs in ops:
@@ -119,12 +146,18 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     config = preset_config("tiny")
     idx = rng.integers(0, config.vocab_size, size=(4, config.block_size))
     y = rng.integers(0, config.vocab_size, size=(4, config.block_size))
-    for label, lora in (("gpt", False), ("gpt+lora", True)):
+    targets_all = ("q", "k", "v", "o", "fc", "proj")
+    lora = LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=targets_all)
+    # the whole model's loss with DoRA is checked with the exact backward: finite
+    # differences of the loss see the norm move (the detached backward has its op row)
+    dora_config = LoraConfig(
+        r=2, alpha=4, dropout=0.1, target_modules=targets_all, use_dora=True, dora_exact_grad=True
+    )
+    for label, adapter in (("gpt", None), ("gpt+lora", lora), ("gpt+dora", dora_config)):
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
-        if lora:
-            targets_all = ("q", "k", "v", "o", "fc", "proj")
-            add_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=targets_all))
+        if adapter is not None:
+            add_adapter(model, adapter)
             for name in model.trainable_names():  # B = 0 would make dA exactly zero
                 model.params[name][...] = xp.asarray(rng.normal(0.0, 0.2, model.params[name].shape))
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from minilora.basics.checks import non_negative_int, positive_int
+from minilora.basics.checks import non_negative_int, positive_int, positive_real
 
 LORA_LR = 3e-3
 """The peak learning rate of AdamW on A and B in ``finetune``, the demo and the lab's
 experiments: LoRA's few parameters take a larger rate than full fine-tuning."""
 RESULT_FIELDS = ("steps", "batch_size", "block_size", "lr", "min_lr_ratio", "warmup")
-RESULT_FIELDS += ("weight_decay", "grad_clip", "seed")
+RESULT_FIELDS += ("weight_decay", "grad_clip", "seed", "loraplus_lr_ratio")
 """TrainConfig fields that change a run's result; eval and checkpoint intervals do not."""
 
 
@@ -34,6 +34,7 @@ class TrainConfig:
     eval_size: int = 256  # examples (or windows) in the fixed validation batch
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
+    loraplus_lr_ratio: float | None = None  # LoRA+: B learns at lr x ratio (optim.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_size", "eval_size"):
@@ -44,6 +45,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr!r} must be a number in (0, 10)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.loraplus_lr_ratio is not None:
+            positive_real("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r} must be >= 0 (0 turns it off)")
 

@@ -142,7 +142,9 @@ class Trainer:
         self.thread_choice: dict[str, Any] | None = None  # what "auto" measured
         if isinstance(threads, int):  # a fixed count is a setting like any other
             self.settings["blas_threads"] = threads
-        self.opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = AdamW(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, loraplus_lr_ratio=cfg.loraplus_lr_ratio
+        )
         self.step = 0
         self.first_loss: float | None = None  # the divergence test's reference
         self.history: list[dict[str, float]] = []

@@ -17,6 +17,9 @@ from minilora.lab.exercises import many_adapters, one_layer, whole_model  # noqa
 from minilora.lab.exercises import file_format  # noqa: F401  (05, after the merges)
 
 # isort: split
+from minilora.lab.exercises import family  # noqa: F401  (08)
+
+# isort: split
 from minilora.lab.exercises.grader import (
     Case,
     CaseResult,
