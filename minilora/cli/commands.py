@@ -18,6 +18,7 @@ from minilora.core.adapters import add_adapter, merge, set_adapter
 from minilora.core.gradcheck import format_report
 from minilora.core.lora import LoraConfig
 from minilora.core.model import GPT, GPTConfig
+from minilora.core.qlora import QUANTIZATIONS, quantize_base
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
@@ -187,6 +188,15 @@ def _check_finetune(args: Namespace) -> None:
             f"--full fine-tunes every weight without an adapter, so {', '.join(given)} "
             "would be ignored; drop --full, or drop the LoRA options"
         )
+    if args.quantize is not None:
+        one_of("--quantize", args.quantize, QUANTIZATIONS)
+        if args.full:
+            raise ValueError(
+                f"--quantize {args.quantize} stores the base in 4 bits, which cannot train: "
+                "drop --full (QLoRA trains an adapter), or drop --quantize"
+            )
+        if args.init == "pissa":
+            raise ValueError(f"--init pissa rewrites W, which --quantize {args.quantize} stores")
     for name, default in LORA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -281,6 +291,9 @@ def finetune(args: Namespace) -> int:
     settings: dict[str, Any] = {"base": base, "task": task.name, **_text_settings(args.text)}
     if task_name == "planted":
         settings["planted_rank"] = args.planted_rank
+    if args.quantize is not None:  # QLoRA: the frozen base in 4 bits, the adapter on top
+        quantize_base(model, args.quantize)
+        settings["quantize"] = args.quantize
     if args.full:
         mode = "full"
         settings["mode"] = "full"
@@ -296,6 +309,7 @@ def finetune(args: Namespace) -> int:
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
         mode = f"LoRA r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        mode += f" over an {args.quantize.upper()} base" if args.quantize else ""
         settings.update(mode="lora", lora=lcfg.to_dict())
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
     trainer = Trainer(

@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scale by alpha/sqrt(r) (default: alpha/r)",
     )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="nf4: store the base's linears in 4-bit NormalFloat, QLoRA (default: none)",
+    )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 

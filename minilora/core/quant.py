@@ -159,9 +159,7 @@ def _blockwise_absmax(flat: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.
     return scaled, absmax
 
 
-def quantize_blockwise(
-    x: Any, code: np.ndarray, blocksize: int
-) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blockwise(x: Any, code: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax quantization of the flattened ``x`` to the nearest value of ``code``.
 
     Returns (indices (n,) int64, absmax (n_blocks,) float32). Nearest by midpoints:
@@ -190,7 +188,7 @@ def pack_nibbles(idx: np.ndarray) -> np.ndarray:
 
 
 def unpack_nibbles(packed: Any, n: int) -> Any:
-    """The inverse of ``pack_nibbles``: (ceil(n/2),) uint8 -> (n,) indices, on ``packed``'s device."""
+    """Inverse of ``pack_nibbles``: (ceil(n/2),) uint8 -> (n,) indices, on the same device."""
     xp = xp_of(packed)
     idx = xp.stack([packed >> 4, packed & 15], axis=1).reshape(-1)
     return idx[:n]

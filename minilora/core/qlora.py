@@ -1,0 +1,112 @@
+"""A quantized frozen base (QLoRA): ``quantize_base(model, "nf4")``, and what merging costs.
+
+QLoRA (Dettmers et al. 2023) stores the frozen base's linear weights in 4-bit NormalFloat
+(quant.py) and trains LoRA adapters on top in full precision:
+
+    h = x Ŵ^T + b + s (x A^T) B^T,      Ŵ = dequantize(Q)   (d_out, d_in), rebuilt per forward
+
+The backward is the LoRA layer's with W replaced by Ŵ: dx = dh Ŵ + s (dh B) A, and dA,
+dB as usual; Q never gets a gradient (it is integers). Only the linears are quantized,
+as in QLoRA: they hold almost all the weights (12 d² of 12 d² + 13 d per block), while
+the embeddings, the tied head and the layer norms are small, used as lookups or
+per-feature scales, and sensitive to rounding, so they stay in the model's dtype.
+
+**Merging.** Merging an adapter into a quantized base would have to re-quantize W + ΔW.
+ΔW is usually far smaller than the NF4 step (about c_b / 8 in the middle of the code,
+c_b the block's absmax), so most entries round back to the same code and the update is
+lost. ``merge`` therefore refuses on a quantized base; :func:`requantized_merge_error`
+measures what a re-quantizing merge would keep, to teach it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minilora.basics.backend import to_host
+from minilora.basics.checks import one_of
+from minilora.core.lora import TARGET_MODULES, delta_weight, lora_names, module_path
+from minilora.core.model import GPT, require_gpt
+from minilora.core.quant import dequantize, quantize
+
+QUANTIZATIONS = ("nf4",)
+
+
+def linear_weights(model: GPT) -> list[str]:
+    """The weights QLoRA quantizes: every block's q, k, v, o, fc and proj."""
+    return [
+        f"{module_path(i, t)}.weight" for i in range(model.config.n_layer) for t in TARGET_MODULES
+    ]
+
+
+def quantize_base(model: GPT, kind: str = "nf4") -> None:
+    """Store every linear weight of the base in NF4 with double quantization (QLoRA).
+
+    Afterwards the forward dequantizes W on the fly, the weights are frozen for good
+    (``unfreeze`` refuses them), and adapters train on top as usual. Refused: a model
+    quantized already, adapters merged into W (the update would be quantized into the
+    base), and PiSSA adapters (their split rewrote W, and deleting them writes it back).
+    Embeddings and layer norms stay as they are (module docstring).
+    """
+    require_gpt(model)
+    one_of("kind", kind, QUANTIZATIONS)
+    if model.quantization is not None:
+        raise ValueError(f"the base is quantized already ({model.quantization}); quantize once")
+    if model.merged_adapters:
+        raise ValueError(
+            f"cannot quantize while adapters {model.merged_adapters} are merged into W; "
+            "call unmerge(model) first"
+        )
+    pissa = [name for name, a in model.adapters.items() if a.pissa_init]
+    if pissa:
+        raise ValueError(
+            f"cannot quantize under PiSSA adapter {pissa[0]!r}: its split rewrote W; "
+            "quantize the base first and use init 'gaussian' or 'kaiming'"
+        )
+    model.quantize_weights(linear_weights(model))
+
+
+def requantized_merge_error(model: GPT, name: str | None = None) -> dict[str, float]:
+    """What a merge into the NF4 base would keep of adapter ``name``'s update.
+
+    For every module: Ŵ = dequantize(Q), ΔW = s B A, and the merged weight re-quantized,
+    W_m = dequantize(quantize(Ŵ + ΔW)). The update that survives is W_m - Ŵ. Returns
+    (over all modules, float64 on the host):
+
+    - relative_error: ‖(W_m - Ŵ) - ΔW‖ / ‖ΔW‖ (0: kept exactly; about 1: lost);
+    - unchanged: the fraction of entries whose code did not change at all;
+    - delta_rms: the RMS of ΔW, to set beside the NF4 step.
+    """
+    require_gpt(model)
+    if model.quantization is None:
+        raise ValueError("the base is not quantized; call quantize_base(model, 'nf4') first")
+    name = name if name is not None else (model.active_adapters or [None])[0]
+    if name not in model.adapters:
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
+    adapter = model.adapters[name]
+    err2 = delta2 = 0.0
+    unchanged = total = 0
+    for module in adapter.modules:
+        A, B = (model.params[n] for n in lora_names(module, name))
+        W_hat = to_host(model.weight(module)).astype(np.float64)
+        dW = to_host(delta_weight(A, B, adapter.config.scale)).astype(np.float64)
+        W_merged = to_host(dequantize(quantize(W_hat + dW))).astype(np.float64)
+        kept = W_merged - W_hat
+        err2 += float(((kept - dW) ** 2).sum())
+        delta2 += float((dW**2).sum())
+        unchanged += int((kept == 0).sum())
+        total += dW.size
+    return {
+        "relative_error": float(np.sqrt(err2 / max(delta2, 1e-300))),
+        "unchanged": unchanged / total,
+        "delta_rms": float(np.sqrt(delta2 / total)),
+    }
+
+
+def adapter_merge_report(model: GPT, name: str | None = None) -> str:
+    """One line for the command line and notebooks: what re-quantizing a merge keeps."""
+    e = requantized_merge_error(model, name)
+    return (
+        f"merging into the NF4 base would re-quantize W + ΔW: {e['unchanged']:.1%} of the "
+        f"entries keep their code, and the update kept misses ΔW by "
+        f"{e['relative_error']:.1%} (RMS of ΔW {e['delta_rms']:.2e})"
+    )
