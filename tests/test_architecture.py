@@ -14,7 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 
 SUBPACKAGES = {
     "basics": ["version", "checks", "backend", "blas"],
-    "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
+    "core": [
+        "layers",
+        "lora",
+        "quant",
+        "model",
+        "adapters",
+        "optim",
+        "gradcheck",
+        "params",
+        "qlora",
+        "tokenizer",
+    ],
     "files": ["io", "checkpoints"],
     "training": ["batches", "textfile", "data", "planted", "runfolder", "schedule", "train"],
     "lab": [

@@ -18,7 +18,7 @@ from minilora.core.adapters import add_adapter, merge, set_adapter
 from minilora.core.gradcheck import format_report
 from minilora.core.lora import LoraConfig
 from minilora.core.model import GPT, GPTConfig
-from minilora.core.qlora import QUANTIZATIONS, quantize_base
+from minilora.core.qlora import QUANTIZATIONS, format_qlora_65b, qlora_65b, quantize_base
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
@@ -370,12 +370,20 @@ def params_command(args: Namespace) -> int:
         print(
             "minilora params: note: arithmetic only; --device gpu changes nothing", file=sys.stderr
         )
-    table = params.accounting_table(args.preset, r=args.rank, targets=_targets(args.targets))
+    if args.quantize is not None:
+        one_of("--quantize", args.quantize, QUANTIZATIONS)
+    table = params.accounting_table(
+        args.preset, r=args.rank, targets=_targets(args.targets), quantize=args.quantize
+    )
+    if args.quantize is not None:  # QLoRA's own figure, beside this estimate of it
+        table["qlora_65b"] = qlora_65b()
     if args.json:
         json.dump(table, sys.stdout, indent=2)
         print()
     else:
         print(params.format_accounting(table))
+        if args.quantize is not None:
+            print("\n" + "\n".join(format_qlora_65b(table["qlora_65b"])))
     return 0
 
 

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         epilog="examples:\n"
         "  minilora params --preset gpt3-175b --rank 4\n"
-        "  minilora params --preset small --targets q,k,v,o --json",
+        "  minilora params --preset small --targets q,k,v,o --json\n"
+        "  minilora params --preset small --quantize nf4",
     )
     _common(p)
     p.add_argument(
@@ -261,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _rank(p, alpha=False)
     _targets(p)
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="nf4: add QLoRA (the base in 4 bits) and the paper's 65B figure (default: none)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(

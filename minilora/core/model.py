@@ -458,6 +458,8 @@ class GPT:
         # cache only what the backward will use: a frozen W needs no x (dx = dh W)
         need_dW = self.is_trainable(f"{module}.weight")  # never for a quantized W
         h, cache = lora_linear_forward(x, W, b, branches, need_dW, need_dAB)
+        if f"{module}.weight" in self._quantized:  # keep 4-bit Q, not Ŵ: backward rebuilds it
+            cache = _swap_weight(cache, None)
         return h, (module, live, cache)
 
     def _dropout(self, x: Array, train: bool) -> tuple[Array, Array | None]:
@@ -539,6 +541,8 @@ class GPT:
     def _linear_backward(self, dh: Array, cache: tuple) -> Array:
         """dx through the LoRA layer; dW, db only if trainable, dA, dB of live adapters."""
         module, live, layer_cache = cache
+        if f"{module}.weight" in self._quantized:  # dequantize again, as bitsandbytes does
+            layer_cache = _swap_weight(layer_cache, self.weight(module))
         lora = [lora_names(module, name) for name in live]
         dx, dW, db, dAB = lora_linear_backward(
             dh,
@@ -703,6 +707,14 @@ class GPT:
         if self._fingerprint_before_quantization is not None:
             return self._fingerprint_before_quantization
         return weights_fingerprint({name: self.params[name] for name in self.base_names()})
+
+
+def _swap_weight(cache: tuple, W: Array | None) -> tuple:
+    """The LoRA layer's cache with the base's W replaced: linear_forward caches
+    (x rows, W, has_b, leading shape), and a quantized base keeps no float W between
+    the forward and the backward (the step's peak memory would hold every Ŵ)."""
+    (x2, _, has_b, lead), branch_caches = cache
+    return (x2, W, has_b, lead), branch_caches
 
 
 def require_gpt(model: Any, what: str = "model") -> GPT:

@@ -20,15 +20,26 @@ measures what a re-quantizing merge would keep, to teach it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from minilora.basics.backend import to_host
 from minilora.basics.checks import one_of
 from minilora.core.lora import TARGET_MODULES, delta_weight, lora_names, module_path
 from minilora.core.model import GPT, require_gpt
-from minilora.core.quant import dequantize, quantize
+from minilora.core.params import human_bytes, human_count, memory_estimate
+from minilora.core.quant import bits_per_parameter, dequantize, quantize
 
 QUANTIZATIONS = ("nf4",)
+# QLoRA's headline (Dettmers et al. 2023, abstract): a 65B model fine-tuned on one 48 GB
+# GPU, where 16-bit fine-tuning needs more than 780 GB. LLaMA-65B's width and depth in
+# this GPT's shape: 12 d² per block (LLaMA: 4 d² + 3 d·22016 = 12.06 d²), 65B in all.
+QLORA_65B = dict(
+    vocab_size=32000, d_model=8192, n_layer=80, n_head=64, block_size=2048, batch_size=1
+)
+QLORA_PAPER = {"params": "65B", "gpu_gb": 48, "full_16bit_gb": 780, "r": 64}
 
 
 def linear_weights(model: GPT) -> list[str]:
@@ -110,3 +121,45 @@ def adapter_merge_report(model: GPT, name: str | None = None) -> str:
         f"entries keep their code, and the update kept misses ΔW by "
         f"{e['relative_error']:.1%} (RMS of ΔW {e['delta_rms']:.2e})"
     )
+
+
+# ------------------------------------------------------------ the paper's 65B
+def qlora_65b() -> dict[str, Any]:
+    """QLoRA's 65B model on one 48 GB GPU, estimated here (``QLORA_65B``, ``QLORA_PAPER``).
+
+    LoRA r = 64 on every linear, as the paper; 16-bit adapters, gradients and AdamW
+    state. Activations are left out of the comparison: QLoRA checkpoints them (and
+    pages the optimizer), minilora's estimate keeps every one (:func:`step_activation_bytes`).
+    """
+    r = QLORA_PAPER["r"]
+    memory = memory_estimate(QLORA_65B, r, TARGET_MODULES, 2, quantize="nf4")
+    full = memory_estimate(QLORA_65B, None, TARGET_MODULES, 2)
+    without = memory["total"] - memory["activations"]
+    return {
+        "config": dict(QLORA_65B),
+        "paper": dict(QLORA_PAPER),
+        "params": memory["params"] - memory["trainable"],
+        "bits_per_weight": bits_per_parameter(),
+        "memory": memory,
+        "without_activations": without,
+        "full_16bit_without_activations": full["total"] - full["activations"],
+    }
+
+
+def format_qlora_65b(q: Mapping[str, Any]) -> list[str]:
+    """The lines ``minilora params --quantize nf4`` prints under its table."""
+    m, paper = q["memory"], q["paper"]
+    adapters = 2 * m["trainable"]  # 16-bit adapter weights, inside "weights"
+    return [
+        f"QLoRA paper: a {paper['params']} model fine-tuned on one {paper['gpu_gb']} GB GPU "
+        f"(16-bit fine-tuning: more than {paper['full_16bit_gb']} GB).",
+        f"Here: a {human_count(q['params'])}-parameter GPT of LLaMA-65B's width and depth, "
+        f"LoRA r={paper['r']} on every linear, 16-bit adapters:",
+        f"  base {human_bytes(m['weights'] - adapters)} (linears in NF4, "
+        f"{q['bits_per_weight']:.3f} bits each) + adapters, gradients and AdamW "
+        f"{human_bytes(adapters + m['gradients'] + m['optimizer'])} = "
+        f"{human_bytes(q['without_activations'])} before activations",
+        f"  (16-bit full fine-tuning, the same way: "
+        f"{human_bytes(q['full_16bit_without_activations'])}; activations left out: QLoRA "
+        "checkpoints them).",
+    ]

@@ -13,7 +13,8 @@ weights (``normal_float_code`` derives them):
                                         plus an exact 0 (so padding and zeros are exact)
 
 with offset = 1 - ½(1/30 + 1/32) = 0.9677083 (the paper's δ: the middle of the 1/(2·15)
-and 1/(2·16) tails, since Φ⁻¹(1) is infinite).
+and 1/(2·16) tails, since Φ⁻¹(1) is infinite). There are 8 positive values and only 7
+negative ones: a symmetric code of 16 values would have no exact 0.
 
 **Blockwise absmax.** The weight W (d_out, d_in) is read row-major as n = d_out·d_in
 values, cut into blocks of 64 (the last may be shorter), and each block b is scaled by
@@ -68,7 +69,7 @@ NF4_CODE: tuple[float, ...] = (
 """The 16 NF4 values as bitsandbytes stores them (float32; functional.get_4bit_type("nf4"))
 and as printed in the QLoRA paper's appendix E; ``normal_float_code`` derives them."""
 
-NF4_OFFSET = 1 - 0.5 * (1 / 30 + 1 / 32)  # 0.96770833...: QLoRA's δ (module docstring)
+NF4_OFFSET = 0.9677083  # 1 - ½(1/30 + 1/32) to 7 digits, as bitsandbytes writes it
 BLOCKSIZE = 64  # weights per absmax constant (QLoRA, bitsandbytes' default for NF4)
 BLOCKSIZE2 = 256  # constants per second-level constant (double quantization)
 
@@ -91,17 +92,20 @@ class NF4Weight(NamedTuple):
 
 # ------------------------------------------------------------------------ the code
 def normal_float_code(offset: float = NF4_OFFSET) -> np.ndarray:
-    """Derive the 16 NF4 values (float64, sorted) from standard normal quantiles.
+    """Derive the 16 NF4 values (float32, sorted) from standard normal quantiles.
 
     Positive side: Φ⁻¹ at 9 points evenly spaced from ``offset`` to 1/2, the last (1/2,
     giving 0) dropped: 8 values. Negative side: -Φ⁻¹ at 8 such points, the last dropped:
     7 values. With an exact 0, that is 16 values; dividing by the largest, Φ⁻¹(offset),
-    puts them in [-1, 1]. (bitsandbytes' ``create_normal_map``, without scipy.)
+    puts them in [-1, 1]. This is bitsandbytes' ``create_normal_map`` step for step
+    (the points in float32 as torch.linspace makes them, Φ⁻¹ in float64, the rest in
+    float32), so it gives ``NF4_CODE`` exactly; in float64 throughout the values move
+    by about 1e-7.
     """
     ppf = NormalDist().inv_cdf
-    positive = [ppf(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
-    negative = [-ppf(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
-    values = np.sort(np.array([*positive, 0.0, *negative]))
+    positive = [ppf(float(p)) for p in _linspace32(offset, 0.5, 9)[:-1]]
+    negative = [-ppf(float(p)) for p in _linspace32(offset, 0.5, 8)[:-1]]
+    values = np.sort(np.array([*positive, 0.0, *negative], dtype=np.float32))
     return values / values.max()
 
 
@@ -262,6 +266,16 @@ def nbytes(q: NF4Weight) -> int:
     return int(q.packed.size + q.qabsmax.size + 4 * q.absmax2.size + 4)
 
 
+def storage_bytes(n: int, double: bool = True) -> int:
+    """Bytes of one weight of ``n`` values in NF4: ceil(n/2) for the codes, then the
+    constants: 1 byte per block of 64, 4 per block of 256 of those, and a 4-byte offset
+    (double quantization), or 4 bytes per block of 64 (float32 constants)."""
+    n = positive_int("n", n)
+    blocks = -(-n // BLOCKSIZE)
+    constants = blocks + 4 * -(-blocks // BLOCKSIZE2) + 4 if double else 4 * blocks
+    return -(-n // 2) + constants
+
+
 def bits_per_parameter(n: int | None = None, double: bool = True) -> float:
     """Storage bits per weight of NF4 with blocks of 64 (and constants in 8 bits, if double).
 
@@ -271,11 +285,7 @@ def bits_per_parameter(n: int | None = None, double: bool = True) -> float:
     """
     if n is None:
         return 4 + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * BLOCKSIZE2) if double else 4 + 32 / BLOCKSIZE
-    n = positive_int("n", n)
-    blocks = -(-n // BLOCKSIZE)
-    bits = 8 * -(-n // 2)
-    bits += 8 * blocks + 32 * -(-blocks // BLOCKSIZE2) + 32 if double else 32 * blocks
-    return bits / n
+    return 8 * storage_bytes(n, double) / n
 
 
 def quantization_error(W: Any, q: NF4Weight | None = None) -> dict[str, float]:

@@ -2,8 +2,9 @@
 
 ``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
 (cs231n's ``gradient_check.py``); this module decides what to check: every op of
-``layers.py``, the LoRA layer with two stacked adapters, and the tiny GPT with full
-fine-tuning and with LoRA on every target, all in float64.
+``layers.py``, the LoRA layer with two stacked adapters and on an NF4 base (QLoRA), and
+the tiny GPT with full fine-tuning, with LoRA on every target and with LoRA on an NF4
+base, all in float64.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
 from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
 from minilora.core.model import GPT
 from minilora.core.params import preset_config
+from minilora.core.qlora import quantize_base
+from minilora.core.quant import dequantize, quantize
 
 Array = Any
 
@@ -45,6 +48,12 @@ def _lora_linear_grads(dh: Array, cache: tuple) -> tuple:
     return dx, dA1, dB1, dA2, dB2
 
 
+def _qlora_linear_grads(dh: Array, cache: tuple) -> tuple:
+    """lora_linear_backward's gradients in the order (x, A, B); the base W is frozen."""
+    dx, _, _, ((dA, dB),) = lora_linear_backward(dh, cache, need_dW=False, need_db=False)
+    return dx, dA, dB
+
+
 def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     """Check every op, the LoRA layer, and the tiny GPT (full and LoRA) in float64.
 
@@ -62,6 +71,9 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     targets = xp.asarray(rng.integers(-1, 7, size=(3, 5)))
     targets[0, 0] = 1  # at least one counted position
     W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
+    # QLoRA's layer: the same LoRA layer on W = dequantize(quantize(W)), a constant
+    W_nf4 = xp.asarray(to_host(dequantize(quantize(arr(8, 16)))), dtype=xp.float64)
+    b_nf4 = arr(8)
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -99,6 +111,12 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             _lora_linear_grads,
             dict(x=arr(3, 5, 6), A1=arr(2, 6), B1=arr(4, 2), A2=arr(3, 6), B2=arr(4, 3)),
         ),
+        (
+            "nf4_lora_linear",  # dx = dh Ŵ + s (dh B) A, dA, dB; Ŵ from NF4 gets nothing
+            lambda x, A, B: lora_linear_forward(x, W_nf4, b_nf4, [LoraBranch(A, B, 2.0, None)]),
+            _qlora_linear_grads,
+            dict(x=arr(3, 5, 16), A=arr(2, 16), B=arr(8, 2)),
+        ),
     ]
     results = []
     for name, forward, backward, inputs in ops:
@@ -119,9 +137,11 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     config = preset_config("tiny")
     idx = rng.integers(0, config.vocab_size, size=(4, config.block_size))
     y = rng.integers(0, config.vocab_size, size=(4, config.block_size))
-    for label, lora in (("gpt", False), ("gpt+lora", True)):
+    for label, lora in (("gpt", False), ("gpt+lora", True), ("gpt+qlora", True)):
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
+        if label == "gpt+qlora":  # the linears' W in NF4, dequantized on every forward
+            quantize_base(model, "nf4")
         if lora:
             targets_all = ("q", "k", "v", "o", "fc", "proj")
             add_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=targets_all))
