@@ -49,6 +49,7 @@ SUBPACKAGES = {
         "exercises.one_layer",  # then its __init__, all before the lab's own __init__
         "exercises.whole_model",
         "exercises.many_adapters",
+        "exercises.quantization",
         "exercises.__init__",
     ],
     "cli": ["demo", "commands", "main"],

@@ -13,10 +13,11 @@ import minilora as ml
 from minilora.cli.main import main
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
+from minilora.lab.exercises import quantization as Q
 from minilora.lab.exercises import whole_model as W
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-REFERENCE = {n: getattr(m, n) for m in (O, W, M) for n in dir(m) if n in ml.exercises.names()}
+REFERENCE = {n: getattr(m, n) for m in (O, W, M, Q) for n in dir(m) if n in ml.exercises.names()}
 
 
 def _rows(a):
@@ -49,6 +50,13 @@ def _lora_backward_by_hand(dx_mask):
 
 # Each exercise's planted mistakes: (wrong solution, text its hint must contain).
 PLANTED = {
+    "nf4_quantize": [
+        (Q._one_absmax, "one absmax for the whole weight"),
+        (Q._signed_max, "largest magnitude |w|"),
+        (Q._uniform_levels, "not evenly spaced"),
+        (Q._column_major, "row-major"),
+        (lambda w, code: (Q.nf4_quantize(w, code)[0] + 1, Q.nf4_quantize(w, code)[1]), "idx"),
+    ],
     "lora_forward": [
         (
             lambda x, A, B, s, mask=None: O.lora_forward(x, A, B, 1.0, mask),

@@ -46,6 +46,7 @@ HOST_BOUNDARY = {
     "lab/plots.py": "plots of host values",
     "lab/exercises/whole_model.py": "exercises grade learners' NumPy code on host arrays",
     "lab/exercises/many_adapters.py": "exercises grade learners' NumPy code on host arrays",
+    "lab/exercises/quantization.py": "exercises grade learners' NumPy code on host arrays",
     "lab/exercises/grader.py": "compares host copies of learners' results with the reference",
     "core/lora.py::random_factors": "LoRA's random init, drawn on the host in float64, then moved",
     "core/lora.py::pissa_factors": "PiSSA's SVD of a host copy of W, in float64",
