@@ -100,3 +100,25 @@ def test_an_all_zero_block_stays_zero():
     W = np.zeros((2, 64), np.float32)
     W[1] = _weight(64)
     assert np.array_equal(quant.dequantize(quant.quantize(W))[0], np.zeros(64))
+
+
+def test_the_quantile_table_puts_the_codes_on_a_line():
+    table = quant.nf4_quantile_table()
+    assert [r["index"] for r in table] == list(range(16))
+    z = np.array([r["normal_quantile"] for r in table])
+    code = np.array([r["code"] for r in table])
+    assert np.allclose(code, z / z.max(), atol=1e-6)  # code = Φ⁻¹(p) / Φ⁻¹(offset)
+    for key in ("mass_nf4", "mass_uniform"):
+        assert sum(r[key] for r in table) == pytest.approx(1.0)
+    nf4 = [r["mass_nf4"] for r in table]
+    uniform = [r["mass_uniform"] for r in table]
+    assert max(nf4) / min(nf4) < 1.5 < max(uniform) / min(uniform)  # NF4 uses codes evenly
+
+
+def test_the_plot_draws_the_table():
+    pytest.importorskip("matplotlib")
+    from minilora.lab.plots import plot_nf4_code
+
+    fig = plot_nf4_code(quant.nf4_quantile_table())
+    left, right = fig.axes
+    assert len(left.lines) == 2 and len(right.patches) == 32

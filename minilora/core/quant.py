@@ -109,6 +109,44 @@ def normal_float_code(offset: float = NF4_OFFSET) -> np.ndarray:
     return values / values.max()
 
 
+def nf4_quantile_table(offset: float = NF4_OFFSET) -> list[dict[str, float]]:
+    """The data of "NF4 against a normal's quantiles", one record per code (16, sorted).
+
+    index, code (NF4_CODE); probability p and normal_quantile Φ⁻¹(p), the quantile the
+    code was made from (code = Φ⁻¹(p) / Φ⁻¹(offset)); uniform: the evenly spaced 4-bit
+    level -1 + 2i/15, for contrast; mass_nf4 and mass_uniform: the share of a normal
+    N(0, (1/Φ⁻¹(offset))²) (weights scaled as a block's absmax would) that rounds to
+    each code, by the midpoints. NF4 spreads the mass evenly; uniform levels do not.
+    """
+    nd = NormalDist()
+    top = nd.inv_cdf(offset)
+    positive = [float(p) for p in _linspace32(offset, 0.5, 9)[:-1]]
+    negative = [1 - float(p) for p in _linspace32(offset, 0.5, 8)[:-1]]
+    probabilities = sorted([*negative, 0.5, *positive])
+    uniform = np.linspace(-1, 1, 16)
+
+    def masses(levels: np.ndarray) -> list[float]:
+        edges = [-np.inf, *((levels[:-1] + levels[1:]) / 2), np.inf]
+        cdf = [nd.cdf(e * top) if np.isfinite(e) else float(e > 0) for e in edges]
+        return [float(m) for m in np.diff(cdf)]
+
+    code = np.asarray(NF4_CODE)
+    return [
+        {
+            "index": i,
+            "code": float(code[i]),
+            "probability": p,
+            "normal_quantile": nd.inv_cdf(p),
+            "uniform": float(uniform[i]),
+            "mass_nf4": m_nf4,
+            "mass_uniform": m_uniform,
+        }
+        for i, (p, m_nf4, m_uniform) in enumerate(
+            zip(probabilities, masses(code), masses(uniform), strict=True)
+        )
+    ]
+
+
 def dynamic_map() -> np.ndarray:
     """bitsandbytes' signed dynamic 8-bit map (create_dynamic_map(True, 7, 8)), float32 (256,).
 
