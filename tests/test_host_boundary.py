@@ -51,6 +51,7 @@ HOST_BOUNDARY = {
     "core/lora.py::random_factors": "LoRA's random init, drawn on the host in float64, then moved",
     "core/lora.py::pissa_factors": "PiSSA's SVD of a host copy of W, in float64",
     "core/quant.py::normal_float_code": "derives the 16 NF4 values once, on the host",
+    "core/quant.py::nf4_quantile_table": "data for a plot: host values, normal quantiles",
     "core/quant.py::dynamic_map": "builds the 8-bit code table once, on the host",
     "core/quant.py::_linspace32": "points of the 8-bit code table, on the host",
     "core/quant.py::_blockwise_absmax": "quantizing runs once, on a host copy of W",
