@@ -228,3 +228,34 @@ def test_finetune_quantize_refusals(capsys, tmp_path, extra, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_qlora_step_on_the_device_copies_only_the_loss(strict_gpu, tiny_config):
+    """The NF4 storage lives on the device and is dequantized there: the step's only copy
+    to the host is the loss, and the numbers are NumPy's."""
+    from minilora.basics import backend
+
+    models = {}
+    for device in ("cpu", "gpu"):
+        model = ml.GPT(tiny_config, seed=0, dtype="float64", device=device)
+        quantize_base(model)
+        ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "v", "fc")))
+        models[device] = model
+    assert all(backend.is_device_array(a) for a in models["gpu"].quantized["h.0.attn.q.weight"][:3])
+    idx, y = token_batch(tiny_config)
+    results = {}
+    for device, model in models.items():
+        strict_gpu.transfers.clear()
+        loss = model.loss(idx, y)
+        model.backward()
+        ml.AdamW(model, lr=1e-2).step()
+        if device == "gpu":
+            assert strict_gpu.transfers.sites() == ["minilora.core.layers.cross_entropy_forward"]
+            # the ids go up; the code tables are on the device with the 4-bit codes
+            assert set(strict_gpu.transfers.sites("to_device")) == {
+                "minilora.core.model.GPT._as_ids"
+            }
+        results[device] = (loss, {n: backend.to_host(g) for n, g in model.grads.items()})
+    assert abs(results["cpu"][0] - results["gpu"][0]) < 1e-10 * results["cpu"][0]
+    for name, g in results["cpu"][1].items():
+        assert rel_error(g, results["gpu"][1][name]) < 1e-10, name

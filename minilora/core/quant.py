@@ -80,7 +80,9 @@ class NF4Weight(NamedTuple):
     packed (ceil(n/2),) uint8: two code indices per byte, the first in the high nibble;
     qabsmax (n_blocks,) uint8: indices into ``dynamic_map()`` of c - offset;
     absmax2 (ceil(n_blocks/256),) float32: the scale of each block of 256 constants;
-    offset: the mean of the constants (float32); shape: the weight's shape.
+    offset: the mean of the constants (float32); shape: the weight's shape;
+    code, code2: the NF4 and dynamic 8-bit tables, kept beside the arrays on their device
+    so that dequantizing copies nothing from the host (None: the host tables).
     """
 
     packed: Any
@@ -88,6 +90,8 @@ class NF4Weight(NamedTuple):
     absmax2: Any
     offset: float
     shape: tuple[int, ...]
+    code: Any = None
+    code2: Any = None
 
 
 # ------------------------------------------------------------------------ the code
@@ -270,13 +274,15 @@ def quantize(W: Any) -> NF4Weight:
     """W (any shape, host or device) -> its NF4 storage with double-quantized constants."""
     packed, absmax = quantize_nf4(W)
     qabsmax, absmax2, offset = double_quantize(absmax)
-    return NF4Weight(packed, qabsmax, absmax2, float(offset), tuple(W.shape))
+    code = np.asarray(NF4_CODE, dtype=np.float32)
+    return NF4Weight(packed, qabsmax, absmax2, float(offset), tuple(W.shape), code, dynamic_map())
 
 
 def dequantize_absmax(q: NF4Weight) -> Any:
     """The constants back: dynamic_map[qabsmax] · absmax2 + offset, (n_blocks,) float32."""
     xp = xp_of(q.qabsmax)
-    c = dequantize_blockwise(q.qabsmax, q.absmax2, dynamic_map(), BLOCKSIZE2)
+    code2 = dynamic_map() if q.code2 is None else q.code2
+    c = dequantize_blockwise(q.qabsmax, q.absmax2, code2, BLOCKSIZE2)
     return c + xp.float32(q.offset)
 
 
@@ -288,19 +294,22 @@ def dequantize(q: NF4Weight) -> Any:
     """
     n = math.prod(q.shape)
     idx = unpack_nibbles(q.packed, n)
-    return dequantize_blockwise(idx, dequantize_absmax(q), NF4_CODE, BLOCKSIZE).reshape(q.shape)
+    code = NF4_CODE if q.code is None else q.code
+    return dequantize_blockwise(idx, dequantize_absmax(q), code, BLOCKSIZE).reshape(q.shape)
 
 
 def to_device(q: NF4Weight, asarray: Any) -> NF4Weight:
     """``q`` with its arrays passed through ``asarray`` (e.g. a backend's, to move them)."""
+    tables = {k: asarray(getattr(q, k)) for k in ("code", "code2") if getattr(q, k) is not None}
     return q._replace(
-        packed=asarray(q.packed), qabsmax=asarray(q.qabsmax), absmax2=asarray(q.absmax2)
+        packed=asarray(q.packed), qabsmax=asarray(q.qabsmax), absmax2=asarray(q.absmax2), **tables
     )
 
 
 # ---------------------------------------------------------------------- storage
 def nbytes(q: NF4Weight) -> int:
-    """Bytes stored for one quantized weight: packed codes, 8-bit constants, scales, offset."""
+    """Bytes stored for one quantized weight: packed codes, 8-bit constants, scales, offset
+    (not the two code tables, which every weight shares)."""
     return int(q.packed.size + q.qabsmax.size + 4 * q.absmax2.size + 4)
 
 
