@@ -171,6 +171,15 @@ def test_adapter_files_record_the_quantization_and_warn_across(tiny_config, tmp_
     ml.merge(float_base)
 
 
+def test_count_parameters_counts_quantized_weights_as_frozen(tiny_config):
+    model = random_model(tiny_config)
+    before = ml.count_parameters(model)
+    quantize_base(model)
+    after = ml.count_parameters(model)
+    assert after.total == before.total and after.trainable < before.trainable
+    assert after.per_module["h.0.attn.q"] == (before.per_module["h.0.attn.q"][0], 32)
+
+
 def test_memory_estimate_counts_the_base_at_half_a_byte(tiny_config):
     config = params.preset("small")
     lora = params.memory_estimate(config, 8)

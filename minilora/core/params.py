@@ -459,7 +459,8 @@ class ParameterCount:
 
 def count_parameters(model: Any) -> ParameterCount:
     """Count a live model's parameters: ``model.params`` (name -> array) and
-    ``model.trainable_names()``; grouped per module in the order of ``model.params``."""
+    ``model.trainable_names()``; grouped per module in the order of ``model.params``.
+    Weights stored in NF4 (``model.quantized``) count too, as frozen."""
     params = getattr(model, "params", None)
     if not isinstance(params, Mapping) or not hasattr(model, "trainable_names"):
         raise TypeError(
@@ -471,8 +472,10 @@ def count_parameters(model: Any) -> ParameterCount:
     if unknown:
         raise ValueError(f"trainable names {unknown} are not in model.params")
     per_module: dict[str, tuple[int, int]] = {}
-    for name, array in params.items():
-        size = int(array.size)
+    sizes = {name: int(array.size) for name, array in params.items()}
+    for name, stored in getattr(model, "quantized", {}).items():  # NF4 weights: frozen
+        sizes[name] = math.prod(stored.shape)
+    for name, size in sizes.items():
         key = module_key(name)
         t, tr = per_module.get(key, (0, 0))
         per_module[key] = (t + size, tr + (size if name in trainable else 0))
