@@ -11,11 +11,13 @@ as in QLoRA: they hold almost all the weights (12 d² of 12 d² + 13 d per block
 the embeddings, the tied head and the layer norms are small, used as lookups or
 per-feature scales, and sensitive to rounding, so they stay in the model's dtype.
 
-**Merging.** Merging an adapter into a quantized base would have to re-quantize W + ΔW.
-ΔW is usually far smaller than the NF4 step (about c_b / 8 in the middle of the code,
-c_b the block's absmax), so most entries round back to the same code and the update is
-lost. ``merge`` therefore refuses on a quantized base; :func:`requantized_merge_error`
-measures what a re-quantizing merge would keep, to teach it.
+**Merging.** Merging an adapter into a quantized base would have to re-quantize W + ΔW:
+the merged weight is again on the 4-bit grid (steps of about c_b / 8 near 0, c_b the
+block's absmax), so ΔW survives only rounded to that grid, and the components of ΔW
+much smaller than a step are lost. ``merge`` therefore refuses on a quantized base;
+:func:`requantized_merge_error` measures what a re-quantizing merge would keep. (After
+``minilora finetune --quantize nf4`` on shift, RMS(ΔW) = 0.057: the kept update misses
+ΔW by 14%; scaled down 10x, by 69%; 30x, by 98%.)
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def requantized_merge_error(model: GPT, name: str | None = None) -> dict[str, fl
     (over all modules, float64 on the host):
 
     - relative_error: ‖(W_m - Ŵ) - ΔW‖ / ‖ΔW‖ (0: kept exactly; about 1: lost);
-    - unchanged: the fraction of entries whose code did not change at all;
+    - unchanged: the fraction of entries whose value did not move at all (the same code
+      and the same block constant: the update vanished there);
     - delta_rms: the RMS of ΔW, to set beside the NF4 step.
     """
     require_gpt(model)
@@ -118,7 +121,7 @@ def adapter_merge_report(model: GPT, name: str | None = None) -> str:
     e = requantized_merge_error(model, name)
     return (
         f"merging into the NF4 base would re-quantize W + ΔW: {e['unchanged']:.1%} of the "
-        f"entries keep their code, and the update kept misses ΔW by "
+        f"entries would not move at all, and the update kept misses ΔW by "
         f"{e['relative_error']:.1%} (RMS of ΔW {e['delta_rms']:.2e})"
     )
 
