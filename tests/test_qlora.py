@@ -132,6 +132,16 @@ def test_quantize_base_refuses_bad_kinds_merged_and_pissa(tiny_config):
     assert model.quantization is None and pissa.quantization is None
 
 
+def test_the_fingerprint_is_the_float_base_s_until_its_float_parameters_change(tiny_config):
+    model = random_model(tiny_config)
+    before = model.base_fingerprint()
+    quantize_base(model)
+    assert model.base_fingerprint() == before
+    model.params["h.0.attn.q.bias"] += 1.0  # e.g. trained before an adapter froze it
+    with pytest.raises(ValueError, match="changed after quantize_base"):
+        model.base_fingerprint()
+
+
 def test_freezing_a_quantized_weight_is_a_no_op(tiny_config):
     model = _qlora_model(tiny_config)
     model.freeze("h.0.attn.q.weight")  # it is frozen by being stored in 4 bits

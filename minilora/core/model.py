@@ -230,7 +230,7 @@ class GPT:
         self._merged: list[str] = []
         self._premerge: dict[str, Array] = {}  # host copies of W before merge, for unmerge
         self._quantized: dict[str, NF4Weight] = {}  # weight name -> NF4 storage (QLoRA)
-        self._fingerprint_before_quantization: str | None = None
+        self._fingerprint_before_quantization: tuple[str, str] | None = None  # (all, rest)
         self.rng = self.backend.rng(seed)  # dropout masks
         self.training = True  # dropout on; see train() and eval()
         self._cache: ModelCache | None = None
@@ -395,7 +395,11 @@ class GPT:
         ``qlora.quantize_base`` decides which weights, and checks everything first.
         """
         if self._fingerprint_before_quantization is None:
-            self._fingerprint_before_quantization = self.base_fingerprint()
+            rest = [n for n in self.base_names() if n not in names]
+            self._fingerprint_before_quantization = (
+                self.base_fingerprint(),
+                weights_fingerprint({n: self.params[n] for n in rest}),
+            )
         for name in names:
             stored = quantize(to_host(self.params[name]))
             self._quantized[name] = to_device(stored, self.backend.asarray)
@@ -700,13 +704,22 @@ class GPT:
         """A short SHA-256 of the base weights (as float32), to tie an adapter to its base.
 
         A quantized base keeps the fingerprint of the weights it was quantized from: it is
-        the same pretrained base (adapter files record the quantization separately).
+        the same pretrained base (adapter files record the quantization separately). If
+        its float parameters (embeddings, biases, layer norms) changed since, there is no
+        fingerprint to give: the float W it would need are gone.
         """
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} first: W holds their update")
-        if self._fingerprint_before_quantization is not None:
-            return self._fingerprint_before_quantization
-        return weights_fingerprint({name: self.params[name] for name in self.base_names()})
+        rest = weights_fingerprint({name: self.params[name] for name in self.base_names()})
+        if self._fingerprint_before_quantization is None:
+            return rest
+        before, rest_before = self._fingerprint_before_quantization
+        if rest != rest_before:
+            raise ValueError(
+                "the base's float parameters changed after quantize_base, so its fingerprint "
+                "is unknown (the float W it hashes are gone); quantize after changing them"
+            )
+        return before
 
 
 def _swap_weight(cache: tuple, W: Array | None) -> tuple:
