@@ -58,6 +58,7 @@ HOST_BOUNDARY = {
     "core/quant.py::quantize_blockwise": "quantizing runs once, on a host copy of W",
     "core/quant.py::pack_nibbles": "packs host code indices once, before they move",
     "core/quant.py::quantize_nf4": "the NF4 code table as a host array, for quantizing",
+    "core/quant.py::quantize": "the code tables as host arrays, moved with the storage",
     "core/quant.py::double_quantize": "quantizes the host constants once",
     "core/quant.py::quantization_error": "a measurement on host copies, in float64",
     "core/qlora.py::requantized_merge_error": "a measurement on host copies, in float64",
