@@ -27,6 +27,7 @@ from minilora.core.lora import (
 from minilora.core.model import GPT, GPTConfig
 from minilora.core.optim import SGD, AdamW
 from minilora.core.params import count_parameters
+from minilora.core.qlora import quantize_base
 from minilora.files.checkpoints import load_adapter, load_base, load_model, save_adapter, save_model
 from minilora.lab import exercises
 
@@ -57,6 +58,7 @@ __all__ = [
     "lora_linear_backward",
     "lora_linear_forward",
     "merge",
+    "quantize_base",
     "save_adapter",
     "save_model",
     "set_adapter",

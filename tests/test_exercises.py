@@ -15,10 +15,13 @@ from minilora.lab.exercises import family as D
 from minilora.lab.exercises import file_format as F
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
+from minilora.lab.exercises import quantization as Q
 from minilora.lab.exercises import whole_model as W
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-REFERENCE = {n: getattr(m, n) for m in (O, W, M, F) for n in dir(m) if n in ml.exercises.names()}
+REFERENCE = {
+    n: getattr(m, n) for m in (O, W, M, F, D, Q) for n in dir(m) if n in ml.exercises.names()
+}
 
 
 def _rows(a):
@@ -51,6 +54,13 @@ def _lora_backward_by_hand(dx_mask):
 
 # Each exercise's planted mistakes: (wrong solution, text its hint must contain).
 PLANTED = {
+    "nf4_quantize": [
+        (Q._one_absmax, "one absmax for the whole weight"),
+        (Q._signed_max, "largest magnitude |w|"),
+        (Q._uniform_levels, "not evenly spaced"),
+        (Q._column_major, "row-major"),
+        (lambda w, code: (Q.nf4_quantize(w, code)[0] + 1, Q.nf4_quantize(w, code)[1]), "idx"),
+    ],
     "lora_forward": [
         (
             lambda x, A, B, s, mask=None: O.lora_forward(x, A, B, 1.0, mask),
@@ -376,7 +386,8 @@ def test_cli_lists_the_exercises_in_reading_order(capsys):
     assert code == 0 and not err
     rows = out.splitlines()
     assert [row.split()[1] for row in rows] == ml.exercises.names()
-    assert rows[0].startswith("01  lora_forward ") and rows[-1].startswith("08  dora_backward ")
+    assert rows[0].startswith("01  lora_forward ")
+    assert rows[-1].startswith(ml.exercises.get(ml.exercises.names()[-1]).notebook + "  ")
 
 
 def test_cli_check_passes_a_solution_and_fails_a_wrong_one(capsys, tmp_path):

@@ -18,6 +18,7 @@ from minilora.core.adapters import add_adapter, merge, set_adapter
 from minilora.core.gradcheck import format_report
 from minilora.core.lora import LoraConfig
 from minilora.core.model import GPT, GPTConfig
+from minilora.core.qlora import QUANTIZATIONS, format_qlora_65b, qlora_65b, quantize_base
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
@@ -196,6 +197,15 @@ def _check_finetune(args: Namespace) -> None:
             "--loraplus-ratio sets B's learning rate apart from A's; --full fine-tunes "
             "without an adapter, so there is no B: drop --full, or drop --loraplus-ratio"
         )
+    if args.quantize is not None:
+        one_of("--quantize", args.quantize, QUANTIZATIONS)
+        if args.full:
+            raise ValueError(
+                f"--quantize {args.quantize} stores the base in 4 bits, which cannot train: "
+                "drop --full (QLoRA trains an adapter), or drop --quantize"
+            )
+        if args.init == "pissa":
+            raise ValueError(f"--init pissa rewrites W, which --quantize {args.quantize} stores")
     for name, default in LORA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -290,6 +300,9 @@ def finetune(args: Namespace) -> int:
     settings: dict[str, Any] = {"base": base, "task": task.name, **_text_settings(args.text)}
     if task_name == "planted":
         settings["planted_rank"] = args.planted_rank
+    if args.quantize is not None:  # QLoRA: the frozen base in 4 bits, the adapter on top
+        quantize_base(model, args.quantize)
+        settings["quantize"] = args.quantize
     if args.full:
         mode = "full"
         settings["mode"] = "full"
@@ -307,6 +320,7 @@ def finetune(args: Namespace) -> int:
         add_adapter(model, lcfg, name="default", seed=args.seed)
         kind = "DoRA" if lcfg.use_dora else "LoRA"
         mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        mode += f" over an {args.quantize.upper()} base" if args.quantize else ""
         # the DoRA fields only when on: a LoRA run started before they existed resumes
         off = {"use_dora", "dora_exact_grad"}
         lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off}
@@ -370,14 +384,24 @@ def params_command(args: Namespace) -> int:
         print(
             "minilora params: note: arithmetic only; --device gpu changes nothing", file=sys.stderr
         )
+    if args.quantize is not None:
+        one_of("--quantize", args.quantize, QUANTIZATIONS)
     table = params.accounting_table(
-        args.preset, r=args.rank, targets=_targets(args.targets), dora=args.dora
+        args.preset,
+        r=args.rank,
+        targets=_targets(args.targets),
+        dora=args.dora,
+        quantize=args.quantize,
     )
+    if args.quantize is not None:  # QLoRA's own figure, beside this estimate of it
+        table["qlora_65b"] = qlora_65b()
     if args.json:
         json.dump(table, sys.stdout, indent=2)
         print()
     else:
         print(params.format_accounting(table))
+        if args.quantize is not None:
+            print("\n" + "\n".join(format_qlora_65b(table["qlora_65b"])))
     return 0
 
 

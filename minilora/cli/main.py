@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LoRA+: B (and DoRA's magnitude) learn at lr x this ratio, e.g. 16 (default: off)",
     )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="nf4: store the base's linears in 4-bit NormalFloat, QLoRA (default: none)",
+    )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     _training(p, steps=300, batch=64, lr=LORA_LR)
 
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         epilog="examples:\n"
         "  minilora params --preset gpt3-175b --rank 4\n"
-        "  minilora params --preset small --targets q,k,v,o --json",
+        "  minilora params --preset small --targets q,k,v,o --json\n"
+        "  minilora params --preset small --quantize nf4",
     )
     _common(p)
     p.add_argument(
@@ -271,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     _targets(p)
     p.add_argument(
         "--dora", action="store_true", help="count DoRA's magnitudes too (d_out per matrix)"
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="nf4: add QLoRA (the base in 4 bits) and the paper's 65B figure (default: none)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

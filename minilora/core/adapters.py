@@ -172,8 +172,10 @@ def add_adapter(
         raise ValueError(f"adapter {name!r} exists already; adapters: {list(model.adapters)}")
     require_unmerged(model, "add an adapter")
     modules = adapter_modules(model, config)
-    check_rank(config.r, {m: model.params[f"{m}.weight"].shape for m in modules})
-    sizes = [sum(model.params[f"{m}.weight"].shape) for m in modules]  # d_out + d_in
+    if config.init == "pissa" and model.quantization:  # PiSSA rewrites W, stored in 4 bits
+        raise ValueError("init 'pissa' needs a float base; this base is quantized (NF4)")
+    check_rank(config.r, {m: model.weight_shape(m) for m in modules})
+    sizes = [sum(model.weight_shape(m)) for m in modules]  # d_out + d_in
     n_new = config.r * sum(sizes)  # drawn in float64 on the host, then copied
     require_memory(
         n_new * (8 + model.dtype.itemsize), f"LoRA r={config.r} on {len(modules)} matrices"
@@ -186,7 +188,7 @@ def add_adapter(
         pissa_init, pissa_base = apply_pissa_split(model, pissa_split(model, modules, config))
         factors = pissa_init
     else:
-        shapes = {m: model.params[f"{m}.weight"].shape for m in modules}
+        shapes = {m: model.weight_shape(m) for m in modules}
         factors = {m: random_factors(*shapes[m], config.r, config.init, rng) for m in modules}
     if config.use_dora:
         factors = dora_magnitudes(model, factors, config)
@@ -275,6 +277,13 @@ def merge(model: GPT) -> None:
     merge is meant to save.
     """
     require_gpt(model)
+    if model.quantization:  # W + ΔW would be re-quantized: a small ΔW is lost (qlora.py)
+        raise ValueError(
+            "cannot merge into a quantized (NF4) base: re-quantizing W + ΔW rounds the "
+            "update to the 4-bit grid, and a small update is lost "
+            "(qlora.requantized_merge_error measures it); run the adapter unmerged, or "
+            "load it onto the float base and merge there"
+        )
     merged, saved = model.merged_adapters, dict(model.premerge_weights)
     for name in model.active_adapters:
         if name not in merged:
@@ -345,7 +354,7 @@ def _weighted_parts(
 
     An adapter without ``module`` contributes zeros of its rank: B A is then unchanged.
     """
-    d_out, d_in = model.params[f"{module}.weight"].shape
+    d_out, d_in = model.weight_shape(module)
     As, Bs = [], []
     for a, w in zip(sources, weights, strict=True):
         if module in a.modules:

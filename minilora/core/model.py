@@ -88,6 +88,7 @@ from minilora.core.lora import (
     lora_names,
     magnitude_name,
 )
+from minilora.core.quant import NF4Weight, dequantize, quantize, to_device
 
 Array = Any
 
@@ -230,6 +231,8 @@ class GPT:
         self._active: list[str] = []
         self._merged: list[str] = []
         self._premerge: dict[str, Array] = {}  # host copies of W before merge, for unmerge
+        self._quantized: dict[str, NF4Weight] = {}  # weight name -> NF4 storage (QLoRA)
+        self._fingerprint_before_quantization: tuple[str, str] | None = None  # (all, rest)
         self.rng = self.backend.rng(seed)  # dropout masks
         self.training = True  # dropout on; see train() and eval()
         self._cache: ModelCache | None = None
@@ -264,7 +267,7 @@ class GPT:
         names = []
         for pattern in patterns:
             hits = fnmatch.filter(self.params, pattern)
-            if not hits:
+            if not hits and not fnmatch.filter(self._quantized, pattern):
                 raise ValueError(
                     f"{pattern!r} matches no parameter (e.g. 'h.0.attn.q.weight', 'h.*')"
                 )
@@ -276,7 +279,17 @@ class GPT:
         self.frozen.update(self._match(patterns))
 
     def unfreeze(self, *patterns: str) -> None:
-        """Let parameters matching the glob patterns receive gradients again."""
+        """Let parameters matching the glob patterns receive gradients again.
+
+        A weight stored in NF4 (:meth:`quantize_weights`) cannot: it is a set of 4-bit
+        codes, and QLoRA trains adapters on it, never the weight itself.
+        """
+        stored = [name for p in patterns for name in fnmatch.filter(self._quantized, p)]
+        if stored:
+            raise ValueError(
+                f"{stored[0]} is stored in 4 bits (NF4) and cannot train: full fine-tuning "
+                "needs the unquantized base; on a quantized base train an adapter (QLoRA)"
+            )
         self.frozen.difference_update(self._match(patterns))
 
     def reseed(self, seed: int) -> None:
@@ -366,6 +379,52 @@ class GPT:
             if name not in self._merged and module in self._adapters[name].modules
         ]
 
+    # -------------------------------------------- quantized base (QLoRA, quant.py)
+    @property
+    def quantization(self) -> str | None:
+        """Returns "nf4" when the linears' weights are stored quantized, else None.
+
+        See :meth:`quantize_weights`.
+        """
+        return "nf4" if self._quantized else None
+
+    @property
+    def quantized(self) -> Mapping[str, NF4Weight]:
+        """weight name -> its NF4 storage, read-only; these names are not in ``params``."""
+        return MappingProxyType(self._quantized)
+
+    def quantize_weights(self, names: list[str]) -> None:
+        """Store the named weights in NF4 (quant.quantize) in place of their float arrays.
+
+        Each leaves ``params`` (so it has no gradient, no optimizer state, and no float
+        copy on the device) and is dequantized on every forward (:meth:`weight`).
+        ``qlora.quantize_base`` decides which weights, and checks everything first.
+        """
+        if self._fingerprint_before_quantization is None:
+            rest = [n for n in self.base_names() if n not in names]
+            self._fingerprint_before_quantization = (
+                self.base_fingerprint(),
+                weights_fingerprint({n: self.params[n] for n in rest}),
+            )
+        for name in names:
+            stored = quantize(to_host(self.params[name]))
+            self._quantized[name] = to_device(stored, self.backend.asarray)
+            del self.params[name]
+            self.frozen.discard(name)
+            self.grads.pop(name, None)
+
+    def weight(self, module: str) -> Array:
+        """W (d_out, d_in) of a linear: its parameter, or dequantized from NF4 on every call."""
+        stored = self._quantized.get(f"{module}.weight")
+        if stored is None:
+            return self.params[f"{module}.weight"]
+        return dequantize(stored).astype(self.dtype, copy=False)
+
+    def weight_shape(self, module: str) -> tuple[int, ...]:
+        """The shape of a linear's W, stored as a float parameter or in NF4."""
+        stored = self._quantized.get(f"{module}.weight")
+        return tuple(self.params[f"{module}.weight"].shape) if stored is None else stored.shape
+
     # ------------------------------------------------------------------ checks
     def _as_ids(
         self, ids: Any, what: str, allow_ignore: bool = False, any_length: bool = False
@@ -408,10 +467,12 @@ class GPT:
             branch = LoraBranch(p[A_name], p[B_name], config.scale, mask, m, config.dora_exact_grad)
             branches.append(branch)
             need_dAB.append((self.is_trainable(A_name), self.is_trainable(B_name)))
-        W, b = p[f"{module}.weight"], p[f"{module}.bias"]
+        W, b = self.weight(module), p[f"{module}.bias"]  # a quantized W: dequantized here
         # cache only what the backward will use: a frozen W needs no x (dx = dh W)
-        need_dW = self.is_trainable(f"{module}.weight")
+        need_dW = self.is_trainable(f"{module}.weight")  # never for a quantized W
         h, cache = lora_linear_forward(x, W, b, branches, need_dW, need_dAB)
+        if f"{module}.weight" in self._quantized:  # keep 4-bit Q, not Ŵ: backward rebuilds it
+            cache = _swap_weight(cache, None)
         return h, (module, live, cache)
 
     def _dropout(self, x: Array, train: bool) -> tuple[Array, Array | None]:
@@ -494,6 +555,8 @@ class GPT:
         """dx through the LoRA layer; dW, db only if trainable; dA, dB (and DoRA's dm) of
         live adapters."""
         module, live, layer_cache = cache
+        if f"{module}.weight" in self._quantized:  # dequantize again, as bitsandbytes does
+            layer_cache = _swap_weight(layer_cache, self.weight(module))
         names = [adapter_names(module, name, self._adapters[name].config) for name in live]
         dx, dW, db, dAB = lora_linear_backward(
             dh,
@@ -648,10 +711,33 @@ class GPT:
         return [n for n in self.params if ".lora_" not in n]
 
     def base_fingerprint(self) -> str:
-        """A short SHA-256 of the base weights (as float32), to tie an adapter to its base."""
+        """A short SHA-256 of the base weights (as float32), to tie an adapter to its base.
+
+        A quantized base keeps the fingerprint of the weights it was quantized from: it is
+        the same pretrained base (adapter files record the quantization separately). If
+        its float parameters (embeddings, biases, layer norms) changed since, there is no
+        fingerprint to give: the float W it would need are gone.
+        """
         if self.merged_adapters:
             raise ValueError(f"unmerge adapters {self.merged_adapters} first: W holds their update")
-        return weights_fingerprint({name: self.params[name] for name in self.base_names()})
+        rest = weights_fingerprint({name: self.params[name] for name in self.base_names()})
+        if self._fingerprint_before_quantization is None:
+            return rest
+        before, rest_before = self._fingerprint_before_quantization
+        if rest != rest_before:
+            raise ValueError(
+                "the base's float parameters changed after quantize_base, so its fingerprint "
+                "is unknown (the float W it hashes are gone); quantize after changing them"
+            )
+        return before
+
+
+def _swap_weight(cache: tuple, W: Array | None) -> tuple:
+    """The LoRA layer's cache with the base's W replaced: linear_forward caches
+    (x rows, W, has_b, leading shape), and a quantized base keeps no float W between
+    the forward and the backward (the step's peak memory would hold every Ŵ)."""
+    (x2, _, has_b, lead), branch_caches = cache
+    return (x2, W, has_b, lead), branch_caches
 
 
 def require_gpt(model: Any, what: str = "model") -> GPT:

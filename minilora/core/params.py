@@ -27,6 +27,7 @@ from minilora.core.adapters import check_rank
 from minilora.core.lora import TARGET_MODULES, module_path
 from minilora.core.model import GPTConfig, parameter_shapes
 from minilora.core.optim import AdamW
+from minilora.core.quant import storage_bytes
 
 # docs/DESIGN.md, "Reference configurations", and the two models of the LoRA paper's story.
 PRESETS: dict[str, dict[str, int]] = {
@@ -46,6 +47,7 @@ PRESETS: dict[str, dict[str, int]] = {
 _DEFAULT_BYTES_PER_PARAM = {"gpt2": 2, "gpt3-175b": 2}
 _CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "batch_size")
 OPTIMIZERS = ("adamw", "sgd")
+QUANTIZATIONS = ("nf4",)
 
 
 def preset(name: str) -> dict[str, int]:
@@ -209,6 +211,15 @@ def step_activation_bytes(
     return b * s * (elements * bytes_per_param + 17)
 
 
+def quantized_linear_bytes(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(values, bytes) of every block's linear weights stored in NF4 (quant.storage_bytes)."""
+    c = _check_config(config)
+    d = c["d_model"]
+    shapes = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]  # q, k, v, o, fc, proj
+    values = c["n_layer"] * sum(a * b for a, b in shapes)
+    return values, c["n_layer"] * sum(storage_bytes(a * b) for a, b in shapes)
+
+
 def memory_estimate(
     config: Mapping[str, Any],
     r: int | None,
@@ -216,12 +227,15 @@ def memory_estimate(
     bytes_per_param: int = 4,
     optimizer: str = "adamw",
     dora: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, int]:
     """Training memory in bytes, split by what it holds; full fine-tuning when ``r`` is None.
     ``dora``: the adapters are DoRA's (d_out more trainable numbers per matrix; the
     activation estimate is LoRA's, without DoRA's extra cache of one (rows, d_out)).
 
-    - weights: every parameter (base + adapters) at ``bytes_per_param``
+    - weights: every parameter (base + adapters) at ``bytes_per_param``; with
+      ``quantize="nf4"`` (QLoRA, LoRA only) the blocks' linear weights at NF4's
+      4.127 bits (about half a byte) each, the rest as before
     - gradients: trainable parameters only, at ``bytes_per_param``
     - optimizer: AdamW keeps 2 moments per trainable parameter in the parameters' dtype
       (``AdamW.slots``: m and v) and one work array for its update, allocated once and
@@ -240,6 +254,13 @@ def memory_estimate(
     c = _check_config(config)
     bytes_per_param = positive_int("bytes_per_param", bytes_per_param)
     one_of("optimizer", optimizer, OPTIMIZERS)
+    if quantize is not None:
+        one_of("quantize", quantize, QUANTIZATIONS)
+        if r is None:
+            raise ValueError(
+                f"quantize={quantize!r} stores the base in 4 bits, which cannot train: "
+                "give a LoRA rank r (QLoRA)"
+            )
     base = count_architecture(
         c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
     )["total"]
@@ -259,6 +280,10 @@ def memory_estimate(
         else 0,
         "activations": step_activation_bytes(c, r, targets, bytes_per_param),
     }
+    if quantize is not None:  # the linears leave the float weights for their NF4 storage
+        values, nbytes = quantized_linear_bytes(c)
+        out["weights"] += nbytes - values * bytes_per_param
+        out["quantized_weights"] = nbytes
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
     out["checkpoint"] = trainable * bytes_per_param
     return out
@@ -273,13 +298,15 @@ def accounting_table(
     targets: str | Iterable[str] = ("q", "v"),
     bytes_per_param: int | None = None,
     dora: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Full fine-tuning vs LoRA for a preset (or a config dict), as a JSON-able dict.
 
     Keys: preset, config, bytes_per_param, architecture (per-group counts), total,
     trainable (with LoRA), full and lora (each: trainable and a memory breakdown, see
     :func:`memory_estimate`), ratio (full trainable / LoRA trainable). ``dora``: DoRA
-    adapters (their magnitudes counted).
+    adapters (their magnitudes counted). With ``quantize="nf4"`` also qlora (LoRA on
+    the NF4 base, the same keys as lora); the CLI adds qlora.qlora_65b().
     """
     if isinstance(preset_name, str):
         name, config = preset_name, preset(preset_name)
@@ -300,7 +327,7 @@ def accounting_table(
     )
     full = memory_estimate(config, None, targets, bytes_per_param)
     lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora)
-    return {
+    table = {
         "preset": name,
         "config": dict(config),
         "bytes_per_param": bytes_per_param,
@@ -317,6 +344,16 @@ def accounting_table(
         },
         "ratio": full["trainable"] / lora["trainable"],
     }
+    if quantize is not None:
+        qlora = memory_estimate(config, r, targets, bytes_per_param, dora=dora, quantize=quantize)
+        table["qlora"] = {
+            "quantize": quantize,
+            "r": r,
+            "targets": list(targets),
+            "trainable": qlora["trainable"],
+            "memory": qlora,
+        }
+    return table
 
 
 def human_count(n: float) -> str:
@@ -367,16 +404,31 @@ def format_accounting(table: Mapping[str, Any]) -> str:
         rows.append(
             (label, human_bytes(table["full"]["memory"][key]), human_bytes(lora["memory"][key]))
         )
-    w0 = max(len(row[0]) for row in rows)
-    w1 = max(len(row[1]) for row in rows)
-    w2 = max(len(row[2]) for row in rows)
+    if "qlora" in table:  # a third column: the same LoRA on the NF4 base
+        rows[0] += (f"QLoRA ({table['qlora']['quantize'].upper()} base)",)
+        rows[1] += (human_count(table["qlora"]["trainable"]),)
+        for i, (_, key) in enumerate(labels, start=2):
+            rows[i] += (human_bytes(table["qlora"]["memory"][key]),)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [title, ""]
-    lines += [f"{a:<{w0}}  {b:>{w1}}  {c_:>{w2}}" for a, b, c_ in rows]
+    lines += [
+        "  ".join(
+            [f"{row[0]:<{widths[0]}}"]
+            + [f"{v:>{w}}" for v, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in rows
+    ]
     lines += [
         "",
         f"total parameters: {table['total']:,}; {kind} trains {lora['trainable']:,} "
         f"({table['ratio']:,.0f}x fewer than full fine-tuning)",
     ]
+    if "qlora" in table:
+        n, nbytes = quantized_linear_bytes(c)
+        lines.append(
+            f"NF4 base: {n:,} linear weights in {human_bytes(nbytes)}, "
+            f"{nbytes / n:.3f} bytes each with their constants; the rest as before"
+        )
     return "\n".join(lines)
 
 
@@ -422,7 +474,8 @@ class ParameterCount:
 
 def count_parameters(model: Any) -> ParameterCount:
     """Count a live model's parameters: ``model.params`` (name -> array) and
-    ``model.trainable_names()``; grouped per module in the order of ``model.params``."""
+    ``model.trainable_names()``; grouped per module in the order of ``model.params``.
+    Weights stored in NF4 (``model.quantized``) count too, as frozen."""
     params = getattr(model, "params", None)
     if not isinstance(params, Mapping) or not hasattr(model, "trainable_names"):
         raise TypeError(
@@ -434,8 +487,10 @@ def count_parameters(model: Any) -> ParameterCount:
     if unknown:
         raise ValueError(f"trainable names {unknown} are not in model.params")
     per_module: dict[str, tuple[int, int]] = {}
-    for name, array in params.items():
-        size = int(array.size)
+    sizes = {name: int(array.size) for name, array in params.items()}
+    for name, stored in getattr(model, "quantized", {}).items():  # NF4 weights: frozen
+        sizes[name] = math.prod(stored.shape)
+    for name, size in sizes.items():
         key = module_key(name)
         t, tr = per_module.get(key, (0, 0))
         per_module[key] = (t + size, tr + (size if name in trainable else 0))

@@ -17,6 +17,7 @@ its tokenizer: :func:`load_base`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ ADAPTER_FIELDS = {
     "base_fingerprint": ((str,), True),
     "residual_fingerprint": ((str, type(None)), False),
     "dtype": ((str,), False),
+    "base_quantization": ((str, type(None)), False),
 }
 MODEL_FIELDS = {
     "minilora_version": ((str,), False),
@@ -122,6 +124,8 @@ def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default"
             # PiSSA: the base as the split left it, so load_adapter can check its own split
             "residual_fingerprint": model.base_fingerprint() if adapter.pissa_init else None,
             "dtype": model.dtype.name,
+            # QLoRA: the adapter learned on top of the NF4 base (load_adapter compares)
+            "base_quantization": model.quantization,
         },
     )
     return {
@@ -139,6 +143,12 @@ def load_adapter(
     Checks, before anything changes: both files exist and parse; the config is a
     valid LoraConfig for this architecture; the base weights have the fingerprint the
     adapter was trained on; every tensor is present, has the right shape, is finite.
+
+    An adapter trained on an NF4-quantized base (QLoRA) loads onto the float base, and
+    the other way round, with a warning: the base is the same pretrained one (the
+    fingerprint is the float weights'), but the adapter learned its update against
+    the other rounding of W. Loading onto the float base is how a QLoRA adapter is
+    merged for deployment; the outputs differ from training's by the quantization error.
     """
     require_gpt(model)
     boolean("activate", activate)
@@ -161,6 +171,14 @@ def load_adapter(
             f"{directory}: adapter was trained on base weights with fingerprint "
             f"{meta['base_fingerprint']}, this model's base has {fingerprint}"
         )
+    trained_on = meta.get("base_quantization")
+    if trained_on != model.quantization:
+        warnings.warn(
+            f"{directory}: adapter was trained on a base stored as {trained_on or 'float'}, "
+            f"this base is {model.quantization or 'float'}; outputs differ from training's "
+            "by the quantization error (quantize_base(model, 'nf4') gives the same storage)",
+            stacklevel=2,
+        )
     name = check_adapter_name(name if name is not None else meta.get("adapter_name", "default"))
     if name in model.adapters:
         raise ValueError(f"adapter {name!r} exists already; pass another name=")
@@ -179,7 +197,7 @@ def load_adapter(
         )
     factors = {}
     for module in modules:
-        d_out, d_in = model.params[f"{module}.weight"].shape
+        d_out, d_in = model.weight_shape(module)
         shapes = {"lora_A": (config.r, d_in), "lora_B": (d_out, config.r), MAGNITUDE: (d_out,)}
         arrays = tuple(tensors[f"{module}.{kind}"] for kind in kinds)
         for kind, array in zip(kinds, arrays, strict=True):
@@ -250,6 +268,13 @@ def save_model(
     (e.g. the tokenizer and the command that made the model).
     """
     require_gpt(model)
+    if model.quantization:
+        raise ValueError(
+            f"the base is quantized ({model.quantization}) and its float weights are gone: "
+            "save the float base before quantize_base (NF4 is a fixed function of it, so "
+            "quantizing it again after loading gives the same 4-bit storage), and the "
+            "adapter with save_adapter"
+        )
     directory = Path(directory)
     weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}

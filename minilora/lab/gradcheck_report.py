@@ -2,10 +2,9 @@
 
 ``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
 (cs231n's ``gradient_check.py``); this module decides what to check: every op of
-``layers.py``, the LoRA layer with two stacked adapters, DoRA's correction with each
-backward, and the tiny GPT with full fine-tuning, with LoRA and with DoRA on every
-target, all in float64.
-
+``layers.py``, the LoRA layer with two stacked adapters and on an NF4 base (QLoRA),
+DoRA's correction with each backward, and the tiny GPT with full fine-tuning, with LoRA,
+with DoRA on every target and with LoRA on an NF4 base, all in float64.
 DoRA has two rows because it has two backwards (dora.py). The exact one is checked
 against finite differences of the forward itself. The detached one (the default, the
 paper's and PEFT's) is the gradient of a different function, the forward with the
@@ -28,6 +27,8 @@ from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
 from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
 from minilora.core.model import GPT
 from minilora.core.params import preset_config
+from minilora.core.qlora import quantize_base
+from minilora.core.quant import dequantize, quantize
 
 Array = Any
 
@@ -58,6 +59,12 @@ def _dora_grads(dh: Array, cache: tuple) -> tuple:
     return dora_backward(dh, cache)[:4]
 
 
+def _qlora_linear_grads(dh: Array, cache: tuple) -> tuple:
+    """lora_linear_backward's gradients in the order (x, A, B); the base W is frozen."""
+    dx, _, _, ((dA, dB),) = lora_linear_backward(dh, cache, need_dW=False, need_db=False)
+    return dx, dA, dB
+
+
 def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     """Check every op, the LoRA layer, and the tiny GPT (full and LoRA) in float64.
 
@@ -77,6 +84,9 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
     dora = dict(x=arr(3, 5, 6), A=arr(2, 6), B=arr(4, 2), m=arr(4))
     norm = weight_norm(W_lora, dora["A"], dora["B"], 1.5)  # n at the checked point, held
+    # QLoRA's layer: the same LoRA layer on W = dequantize(quantize(W)), a constant
+    W_nf4 = xp.asarray(to_host(dequantize(quantize(arr(8, 16)))), dtype=xp.float64)
+    b_nf4 = arr(8)
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -126,6 +136,12 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             _dora_grads,
             dora,
         ),
+        (
+            "nf4_lora_linear",  # dx = dh Ŵ + s (dh B) A, dA, dB; Ŵ from NF4 gets nothing
+            lambda x, A, B: lora_linear_forward(x, W_nf4, b_nf4, [LoraBranch(A, B, 2.0, None)]),
+            _qlora_linear_grads,
+            dict(x=arr(3, 5, 16), A=arr(2, 16), B=arr(8, 2)),
+        ),
     ]
     results = []
     for name, forward, backward, inputs in ops:
@@ -153,9 +169,12 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     dora_config = LoraConfig(
         r=2, alpha=4, dropout=0.1, target_modules=targets_all, use_dora=True, dora_exact_grad=True
     )
-    for label, adapter in (("gpt", None), ("gpt+lora", lora), ("gpt+dora", dora_config)):
+    models = (("gpt", None), ("gpt+lora", lora), ("gpt+dora", dora_config), ("gpt+qlora", lora))
+    for label, adapter in models:
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
+        if label == "gpt+qlora":  # the linears' W in NF4, dequantized on every forward
+            quantize_base(model, "nf4")
         if adapter is not None:
             add_adapter(model, adapter)
             for name in model.trainable_names():  # B = 0 would make dA exactly zero

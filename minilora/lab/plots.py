@@ -400,3 +400,23 @@ def plot_memory_breakdown(data: dict[str, Records]) -> Any:
     fig.suptitle("Training memory: full fine-tuning against LoRA r=8 on q,k,v,o")
     fig.tight_layout()
     return fig
+
+
+def plot_nf4_code(records: Records) -> Any:
+    """NF4's 16 values against the standard normal quantiles they are made from
+    (core.quant.nf4_quantile_table), and the share of normal weights each code gets."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    z = np.array([r["normal_quantile"] for r in records])
+    left.plot(z, [r["code"] for r in records], "o-", label="NF4 value")
+    left.plot(z, [r["uniform"] for r in records], "s--", alpha=0.6, label="evenly spaced 4-bit")
+    left.set(xlabel="standard normal quantile Φ⁻¹(p)", ylabel="code value", title="On a line")
+    left.legend(fontsize=8)
+    index = np.array([r["index"] for r in records])
+    right.bar(index - 0.2, [r["mass_nf4"] for r in records], 0.4, label="NF4")
+    right.bar(index + 0.2, [r["mass_uniform"] for r in records], 0.4, label="evenly spaced")
+    right.set(xlabel="code index", ylabel="share of normal weights", title="Used evenly")
+    right.legend(fontsize=8)
+    fig.suptitle("NormalFloat 4: the codes are a normal distribution's quantiles")
+    fig.tight_layout()
+    return fig

@@ -11,7 +11,12 @@ holds worked solutions in that form, one file per notebook.
 """
 
 # importing the exercise modules registers their exercises, in reading order
-from minilora.lab.exercises import many_adapters, one_layer, whole_model  # noqa: F401
+from minilora.lab.exercises import (  # noqa: F401
+    many_adapters,
+    one_layer,
+    quantization,
+    whole_model,
+)
 
 # isort: split
 from minilora.lab.exercises import file_format  # noqa: F401  (05, after the merges)
