@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 SUBPACKAGES = {
     "basics": ["version", "checks", "backend", "blas"],
     "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
-    "files": ["io", "checkpoints"],
+    "files": ["io", "gpt2", "peft", "checkpoints"],
     "training": ["batches", "textfile", "data", "planted", "runfolder", "schedule", "train"],
     "lab": [
         "sweep",

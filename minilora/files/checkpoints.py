@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
-from minilora.basics.checks import boolean
+from minilora.basics.checks import boolean, one_of
 from minilora.basics.version import __version__
 from minilora.core.adapters import (
     adapter_modules,
@@ -41,6 +41,7 @@ from minilora.core.model import (
     weights_fingerprint,
 )
 from minilora.core.tokenizer import CharTokenizer
+from minilora.files.gpt2 import save_gpt2
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,6 +49,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
+MODEL_FORMATS = ("minilora", "hf")
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
@@ -145,7 +147,11 @@ def load_adapter(
         config = LoraConfig.from_dict(meta["lora_config"])
     except (TypeError, ValueError) as err:
         raise type(err)(f"{config_path}: {err}") from None
-    if meta["base_config"] != model.config.to_dict():
+    try:  # through GPTConfig: a file written before a field existed gets its default
+        base_config = GPTConfig.from_dict(meta["base_config"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{config_path}: {err}") from None
+    if base_config != model.config:
         raise ValueError(
             f"{directory}: adapter is for a model with {meta['base_config']}, "
             f"this model has {model.config.to_dict()}"
@@ -234,15 +240,26 @@ def _check_update_fits(
 
 # -------------------------------------------------------------------------- models
 def save_model(
-    model: GPT, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+    model: GPT,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    format: str = "minilora",
 ) -> dict:
     """Write the base weights and the config to ``directory`` (adapters: save_adapter).
 
     With adapters merged, the weights written include their updates: that is how a
     fine-tuned model is exported as a plain GPT. ``extra`` is stored in config.json
-    (e.g. the tokenizer and the command that made the model).
+    (e.g. the tokenizer and the command that made the model). ``format="hf"`` writes
+    a Hugging Face GPT-2 folder instead, every active adapter merged into the copy
+    written (gpt2.save_gpt2; ``extra`` has no place there).
     """
     require_gpt(model)
+    if one_of("format", format, MODEL_FORMATS) == "hf":
+        if extra:
+            raise ValueError(
+                "extra= has no place in a Hugging Face folder; pass it with format='minilora'"
+            )
+        return save_gpt2(model, directory)
     directory = Path(directory)
     weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}

@@ -1,0 +1,208 @@
+"""GPT-2 folders in and out without transformers: minilora writes the fixture itself.
+
+The checks against transformers are in tests/test_gpt2_reference.py; here the mapping is
+checked as a round trip (minilora -> GPT-2 layout -> minilora, bit for bit) and every
+bad folder is refused with one line before a model is built.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_model, randomise_adapters
+
+import minilora as ml
+from minilora.files import gpt2
+from minilora.files.io import load_safetensors, save_safetensors
+
+CFG = ml.GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    model = random_model(CFG, seed=3)
+    ml.save_model(model, tmp_path / "gpt2", format="hf")
+    return tmp_path / "gpt2", model
+
+
+def test_round_trip_is_exact(folder):
+    path, model = folder
+    loaded = ml.load_gpt2(path, dtype="float64")
+    assert loaded.config == model.config
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.params[name], value, err_msg=name)
+
+
+def test_file_has_gpt2_layout(folder):
+    path, model = folder
+    tensors, metadata = load_safetensors(path / "model.safetensors")
+    assert metadata == {"format": "pt"}
+    C = CFG.d_model
+    W = tensors["transformer.h.1.attn.c_attn.weight"]
+    assert W.shape == (C, 3 * C)  # Conv1D: y = x W + b, q | k | v in column blocks
+    for j, t in enumerate("qkv"):
+        np.testing.assert_array_equal(
+            W[:, j * C : (j + 1) * C].T, model.params[f"h.1.attn.{t}.weight"]
+        )
+    np.testing.assert_array_equal(
+        tensors["transformer.h.0.mlp.c_fc.weight"].T, model.params["h.0.mlp.fc.weight"]
+    )
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_embd"] == C and config["n_inner"] is None
+
+
+def test_unprefixed_keys_and_mask_buffers_load(folder):
+    """The original checkpoint: no ``transformer.`` prefix, a causal-mask buffer per block."""
+    path, model = folder
+    tensors, _ = load_safetensors(path / "model.safetensors")
+    plain = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    plain["h.0.attn.bias"] = np.tril(np.ones((1, 1, 16, 16), dtype=np.float32))
+    plain["lm_head.weight"] = plain["wte.weight"].copy()
+    save_safetensors(path / "model.safetensors", plain)
+    loaded = ml.load_gpt2(path, dtype="float64")
+    np.testing.assert_array_equal(
+        loaded.params["h.1.attn.v.weight"], model.params["h.1.attn.v.weight"]
+    )
+
+
+def test_merged_export_carries_the_adapters(tmp_path):
+    model = random_model(CFG, seed=1)
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "k", "o", "fc")))
+    randomise_adapters(model)
+    ml.save_model(model, tmp_path / "hf", format="hf")
+    idx = np.arange(12).reshape(2, 6)
+    expected = model.eval().forward(idx)
+    assert not model.merged_adapters  # the export merged into a copy
+    loaded = ml.load_gpt2(tmp_path / "hf", dtype="float64").eval()
+    assert np.abs(loaded.forward(idx) - expected).max() < 1e-12
+
+
+def test_layer_norm_eps_is_used_and_old_configs_load():
+    old = ml.GPTConfig(**TINY_DICT)  # a config dict written before the field existed
+    assert old.layer_norm_eps == 1e-5
+    assert ml.GPTConfig.from_dict(TINY_DICT).layer_norm_eps == 1e-5
+    idx = np.arange(6)[None]
+    a = ml.GPT(CFG, dtype="float64").eval().forward(idx)
+    wide = ml.GPTConfig(**{**CFG.to_dict(), "layer_norm_eps": 0.5})
+    b = ml.GPT(wide, dtype="float64").eval().forward(idx)
+    assert np.abs(a - b).max() > 1e-6
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        ml.GPTConfig(layer_norm_eps=0.0)
+
+
+TINY_DICT = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=8, dropout=0.0)
+
+
+def _config(change):
+    def edit(path):
+        meta = json.loads((path / "config.json").read_text())
+        change(meta)
+        (path / "config.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _tensors(change):
+    def edit(path):
+        tensors, metadata = load_safetensors(path / "model.safetensors")
+        change(tensors)
+        save_safetensors(path / "model.safetensors", tensors, metadata)
+
+    return edit
+
+
+def _remove(name):
+    return lambda path: (path / name).unlink()
+
+
+def _set(key, value):
+    return _config(lambda m: m.__setitem__(key, value))
+
+
+def _nan(t):
+    t["transformer.h.1.mlp.c_proj.weight"][2, 3] = np.nan
+
+
+BAD_FOLDERS = [
+    ("no_config", _remove("config.json"), "not a GPT-2 checkpoint: missing config.json"),
+    (
+        "no_weights",
+        _remove("model.safetensors"),
+        "not a GPT-2 checkpoint: missing model.safetensors",
+    ),
+    ("model_type_llama", _set("model_type", "llama"), "model_type='llama'"),
+    ("no_n_embd", _config(lambda m: m.pop("n_embd")), "lacks n_embd"),
+    ("relu", _set("activation_function", "relu"), "activation_function='relu'"),
+    ("exact_gelu", _set("activation_function", "gelu"), "activation_function='gelu'"),
+    ("inverse_layer_idx", _set("scale_attn_by_inverse_layer_idx", True), "scale_attn_by_inverse"),
+    ("reorder", _set("reorder_and_upcast_attn", True), "reorder_and_upcast_attn"),
+    ("cross_attention", _set("add_cross_attention", True), "add_cross_attention"),
+    ("untied", _set("tie_word_embeddings", False), "tie_word_embeddings"),
+    ("n_inner", _set("n_inner", 10), "n_inner=10"),
+    ("eps_negative", _set("layer_norm_epsilon", -1.0), "layer_norm_epsilon"),
+    ("n_head_not_divisor", _set("n_head", 3), "n_head"),
+    (
+        "missing_key",
+        _tensors(lambda t: t.pop("transformer.h.1.ln_2.bias")),
+        "missing.*h.1.ln_2.bias",
+    ),
+    (
+        "extra_key",
+        _tensors(lambda t: t.update({"transformer.extra": np.zeros(2, np.float32)})),
+        "unexpected.*extra",
+    ),
+    ("config_says_3_layers", _set("n_layer", 3), "missing.*h.2"),
+    (
+        "wrong_shape",
+        _tensors(
+            lambda t: t.update({"transformer.h.0.attn.c_attn.weight": np.zeros((8, 8), np.float32)})
+        ),
+        r"c_attn.weight has shape \(8, 8\)",
+    ),
+    ("nan", _tensors(_nan), "h.1.mlp.c_proj.weight contains NaN"),
+    (
+        "lm_head_untied",
+        _tensors(lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"] + 1})),
+        "lm_head.weight differs",
+    ),
+    (
+        "mixed_prefix",
+        _tensors(lambda t: t.update({"ln_f.bias": t.pop("transformer.ln_f.bias")})),
+        "'ln_f.bias' lacks the 'transformer.' prefix",
+    ),
+    (
+        "int_tensor",
+        _tensors(lambda t: t.update({"transformer.ln_f.bias": np.zeros(8, np.int32)})),
+        "dtype int32",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, match", [c[1:] for c in BAD_FOLDERS], ids=[c[0] for c in BAD_FOLDERS]
+)
+def test_bad_folder_is_refused_before_a_model_exists(folder, monkeypatch, change, match):
+    path, _ = folder
+    change(path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the folder was checked")
+
+    monkeypatch.setattr(gpt2, "GPT", no_model)
+    with pytest.raises(ValueError, match=match) as err:
+        ml.load_gpt2(path)
+    assert "\n" not in str(err.value)
+
+
+def test_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        ml.load_gpt2(tmp_path / "nowhere")
+
+
+def test_save_model_format_is_checked(tmp_path):
+    model = ml.GPT(CFG)
+    with pytest.raises(ValueError, match="format='onnx'"):
+        ml.save_model(model, tmp_path, format="onnx")
+    with pytest.raises(ValueError, match="extra="):
+        ml.save_model(model, tmp_path, extra={"a": 1}, format="hf")
+    assert not list(tmp_path.iterdir())
