@@ -14,11 +14,13 @@ import minilora as ml
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the network, whatever a test asks for
 if os.environ.get("MINILORA_REQUIRE_REFERENCE") == "1":
+    import peft
     import torch  # CI installs the `ref` extra: a missing reference must fail, not skip
     import transformers
 else:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed (the `ref` extra)")
     transformers = pytest.importorskip("transformers", reason="the `ref` extra is not installed")
+    peft = pytest.importorskip("peft", reason="the `ref` extra is not installed")
 
 SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
 
@@ -28,7 +30,7 @@ def hf_gpt2(seed=0, **config):
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SMALL, **config}))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # biases ~ N(0, 0.1), layer-norm weights ~ 1 + N(0, 0.1)
                 p.add_(0.1 * torch.randn_like(p))
             else:
@@ -88,3 +90,85 @@ def test_gpt2_small_config_gives_transformers_logits(tmp_path):
     idx = ids(vocab=50257, shape=(1, 64))
     expected = hf_logits(hf, idx)
     assert np.abs(ml.to_host(model.forward(idx)) - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+# --------------------------------------------------------------------------- PEFT
+
+
+def trained_adapter(folder, config, steps=3, seed=0):
+    """A LoRA adapter on the GPT-2 in ``folder``, trained a few AdamW steps (B no longer 0)."""
+    model = ml.load_gpt2(folder)
+    ml.add_adapter(model, config)
+    optimizer = ml.AdamW(model, lr=1e-2)
+    idx = ids(shape=(2, 17), seed=seed)
+    for _ in range(steps):
+        model.loss(idx[:, :-1], idx[:, 1:])
+        model.backward()
+        optimizer.step()
+    return model.eval()
+
+
+EXPORTS = [
+    ("q_v", ml.LoraConfig(r=4, alpha=8.0, target_modules=("q", "v"))),
+    (
+        "all_rslora_layer_1",
+        ml.LoraConfig(
+            r=2, alpha=4.0, target_modules=ml.TARGET_MODULES, use_rslora=True, layers=(1,)
+        ),
+    ),
+    ("o_fc", ml.LoraConfig(r=3, alpha=5.0, target_modules=("o", "fc"))),
+]
+
+
+@pytest.mark.parametrize("config", [c for _, c in EXPORTS], ids=[n for n, _ in EXPORTS])
+def test_minilora_adapter_gives_its_logits_in_peft(tmp_path, config):
+    hf_gpt2(seed=2).save_pretrained(tmp_path / "base")
+    model = trained_adapter(tmp_path / "base", config)
+    ml.save_adapter(model, tmp_path / "adapter", format="peft")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    idx = ids(seed=3)
+    expected = ml.to_host(model.forward(idx))
+    with torch.no_grad():
+        got = peft_model(torch.tensor(idx)).logits.numpy()
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+    with peft_model.disable_adapter(), torch.no_grad():  # the adapter is really there
+        plain = peft_model(torch.tensor(idx)).logits.numpy()
+    assert np.abs(plain - expected).max() > 1e-3
+
+
+IMPORTS = [
+    ("c_attn", dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+    (
+        "all_rslora",
+        dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], use_rslora=True),
+    ),
+    (
+        "patterns_layer_0",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc"],
+            rank_pattern={"c_fc": 2},
+            alpha_pattern={"c_fc": 3},
+            layers_to_transform=[0],
+            layers_pattern="h",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs", [k for _, k in IMPORTS], ids=[n for n, _ in IMPORTS])
+def test_peft_adapter_gives_peft_logits_in_minilora(tmp_path, kwargs):
+    hf_gpt2(seed=4).save_pretrained(tmp_path / "base")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kwargs)
+    peft_model = peft.get_peft_model(base, config).eval()  # init False: B random, not 0
+    peft_model.save_pretrained(tmp_path / "adapter")
+    idx = ids(seed=5)
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(idx)).logits.numpy()
+    model = ml.load_gpt2(tmp_path / "base")
+    assert ml.load_adapter(model, tmp_path / "adapter") == "default"
+    got = ml.to_host(model.eval().forward(idx))
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()

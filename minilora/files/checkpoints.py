@@ -43,6 +43,7 @@ from minilora.core.model import (
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files.gpt2 import save_gpt2
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.files.peft import is_peft_config, load_peft_adapter, save_peft_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,6 +51,7 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
 MODEL_FORMATS = ("minilora", "hf")
+ADAPTER_FORMATS = ("minilora", "peft")
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
@@ -91,12 +93,18 @@ def _read_fields(path: Path, fields: dict[str, tuple[tuple[type, ...], bool]]) -
 
 
 # ------------------------------------------------------------------------ adapters
-def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default") -> dict:
+def save_adapter(
+    model: GPT, directory: str | os.PathLike, name: str = "default", format: str = "minilora"
+) -> dict:
     """Write adapter ``name``'s A and B and its config to ``directory``.
 
+    ``format="peft"`` writes PEFT's own adapter for a GPT-2 instead (peft.py: q, k, v
+    fused into c_attn), which ``PeftModel.from_pretrained`` loads on GPT2LMHeadModel.
     Returns {"config": path, "weights": path, "bytes": size of both files}.
     """
     require_gpt(model)
+    if one_of("format", format, ADAPTER_FORMATS) == "peft":
+        return save_peft_adapter(model, directory, name)
     if name not in model.adapters:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
     adapter = model.adapters[name]
@@ -134,6 +142,9 @@ def load_adapter(
 ) -> str:
     """Add the adapter saved in ``directory`` to ``model``; returns its name.
 
+    A PEFT LoRA adapter for GPT-2 (its config has ``peft_type``) is recognised and
+    loaded by peft.load_peft_adapter, its fused c_attn split into q, k and v.
+
     Checks, before anything changes: both files exist and parse; the config is a
     valid LoraConfig for this architecture; the base weights have the fingerprint the
     adapter was trained on; every tensor is present, has the right shape, is finite.
@@ -142,6 +153,8 @@ def load_adapter(
     boolean("activate", activate)
     directory = _folder("adapter", directory)
     config_path = directory / ADAPTER_CONFIG
+    if is_peft_config(load_json(config_path)):  # PEFT's own format (peft.py)
+        return load_peft_adapter(model, directory, name, activate)
     meta = _read_fields(config_path, ADAPTER_FIELDS)
     try:  # the message names the file the bad value came from
         config = LoraConfig.from_dict(meta["lora_config"])
