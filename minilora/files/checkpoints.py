@@ -41,7 +41,7 @@ from minilora.core.model import (
     weights_fingerprint,
 )
 from minilora.core.tokenizer import CharTokenizer
-from minilora.files.gpt2 import save_gpt2
+from minilora.files.gpt2 import GPT2Tokenizer, is_gpt2_folder, load_gpt2_base, save_gpt2
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 from minilora.files.peft import is_peft_config, load_peft_adapter, save_peft_adapter
 
@@ -314,9 +314,15 @@ def load_model(
 
 def load_base(
     folder: str | os.PathLike | None = None, device: str | None = None
-) -> tuple[GPT, CharTokenizer]:
-    """A base model and its tokenizer: ``folder``, or the built-in pretrained base."""
+) -> tuple[GPT, CharTokenizer | GPT2Tokenizer]:
+    """A base model and its tokenizer: ``folder``, or the built-in pretrained base.
+
+    A Hugging Face GPT-2 folder (config.json says ``"model_type": "gpt2"``) gives the
+    GPT-2 and its BPE tokenizer (gpt2.load_gpt2_base).
+    """
     path = Path(folder) if folder is not None else BUILTIN_BASE
+    if folder is not None and is_gpt2_folder(path):
+        return load_gpt2_base(path, device=device)
     if folder is None and not (path / MODEL_WEIGHTS).exists():
         raise ValueError(
             f"the built-in base is missing from {path}; rebuild it with `{PRETRAIN_COMMAND}` "

@@ -314,3 +314,93 @@ def save_gpt2(model: GPT, directory: str | os.PathLike) -> dict:
     save_safetensors(weights, tensors, metadata={"format": "pt"})  # what transformers expects
     save_json(config, hf_config(model.config, model.dtype))
     return {"config": str(config), "weights": str(weights), "bytes": weights.stat().st_size}
+
+
+# ---------------------------------------------------------------------- tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt")
+END_OF_TEXT = "<|endoftext|>"
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE, read from a checkpoint folder by the ``tokenizers`` library
+    (the optional ``gpt2`` extra): ``tokenizer.json``, or ``vocab.json`` + ``merges.txt``.
+
+    Nothing is downloaded, and BPE is not written here: the merges are the library's
+    job. The interface is CharTokenizer's: ``encode``, ``decode``, ``vocab_size``.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise ValueError(
+                f"{folder}: reading GPT-2's tokenizer needs the `tokenizers` library; "
+                "pip install 'minilora[gpt2]'"
+            ) from None
+        self.folder = folder
+        vocab, merges, whole = (
+            folder / "vocab.json",
+            folder / "merges.txt",
+            folder / "tokenizer.json",
+        )
+        try:
+            if whole.is_file():
+                tokenizer = Tokenizer.from_file(str(whole))
+            elif vocab.is_file() and merges.is_file():
+                tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+                # GPT-2's own settings: bytes as printable characters, no space added
+                tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tokenizer.decoder = decoders.ByteLevel()
+                tokenizer.add_special_tokens([END_OF_TEXT])  # one id (50256), never split
+            else:
+                raise not_a_gpt2(folder, f"no tokenizer: missing {' or '.join(TOKENIZER_FILES)}")
+        except Exception as err:  # the library's errors are its own types: one line, ours
+            if isinstance(err, ValueError) and str(err).startswith(str(folder)):
+                raise
+            line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{folder}: cannot read the GPT-2 tokenizer: {line}") from None
+        self._tokenizer = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        """text -> 1-D int64 ids (GPT-2's: "Hello world" -> [15496, 995])."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Any) -> str:
+        """1-D ids -> text. Ids outside [0, vocab_size) are an error."""
+        arr = np.asarray(to_host(ids) if not isinstance(ids, (list, tuple)) else ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"ids must be a 1-D sequence of integers, got shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"id {int(bad[0])} is not in the vocabulary; allowed: 0 .. {self.vocab_size - 1}"
+            )
+        return self._tokenizer.decode(arr.tolist(), skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": "gpt2", "folder": str(self.folder)}
+
+    def __repr__(self) -> str:
+        return f"GPT2Tokenizer({str(self.folder)!r}, vocab_size={self.vocab_size})"
+
+
+def load_gpt2_base(
+    folder: str | os.PathLike, device: str | None = None, dtype: Any = "float32"
+) -> tuple[GPT, GPT2Tokenizer]:
+    """A GPT-2 folder's model and tokenizer (what ``load_base`` returns for such a folder)."""
+    tokenizer = GPT2Tokenizer(folder)  # first: a folder without one fails before the weights
+    model = load_gpt2(folder, dtype=dtype, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model's "
+            f"vocabulary only {model.config.vocab_size}"
+        )
+    return model, tokenizer
