@@ -41,7 +41,7 @@ from minilora.core.model import (
     weights_fingerprint,
 )
 from minilora.core.tokenizer import CharTokenizer
-from minilora.files.gpt2 import GPT2Tokenizer, is_gpt2_folder, load_gpt2_base, save_gpt2
+from minilora.files.gpt2 import GPT2Tokenizer, is_hf_folder, load_gpt2_base, save_gpt2
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 from minilora.files.peft import is_peft_config, load_peft_adapter, save_peft_adapter
 
@@ -317,11 +317,11 @@ def load_base(
 ) -> tuple[GPT, CharTokenizer | GPT2Tokenizer]:
     """A base model and its tokenizer: ``folder``, or the built-in pretrained base.
 
-    A Hugging Face GPT-2 folder (config.json says ``"model_type": "gpt2"``) gives the
-    GPT-2 and its BPE tokenizer (gpt2.load_gpt2_base).
+    A Hugging Face folder (config.json has a ``model_type``) must be a GPT-2 one, and
+    gives the GPT-2 and its BPE tokenizer (gpt2.load_gpt2_base).
     """
     path = Path(folder) if folder is not None else BUILTIN_BASE
-    if folder is not None and is_gpt2_folder(path):
+    if folder is not None and is_hf_folder(path):  # not GPT-2: load_gpt2 says what it is
         return load_gpt2_base(path, device=device)
     if folder is None and not (path / MODEL_WEIGHTS).exists():
         raise ValueError(

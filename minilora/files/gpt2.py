@@ -35,7 +35,13 @@ from minilora.basics.backend import finite_as, require_memory, resolve_dtype, to
 from minilora.basics.checks import positive_int, positive_real
 from minilora.core.lora import delta_weight, lora_names
 from minilora.core.model import GPT, GPTConfig, parameter_shapes, require_gpt
-from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.files.io import (
+    atomic_write_bytes,
+    load_json,
+    load_safetensors,
+    save_json,
+    save_safetensors,
+)
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -56,14 +62,22 @@ def not_a_gpt2(folder: Path, what: str) -> ValueError:
     return ValueError(f"{folder} is not a GPT-2 checkpoint: {what}")
 
 
+def _model_type(folder: str | os.PathLike) -> Any:
+    try:
+        meta = load_json(Path(folder) / HF_CONFIG)
+    except ValueError:
+        return None
+    return meta.get("model_type") if isinstance(meta, dict) else None
+
+
+def is_hf_folder(folder: str | os.PathLike) -> bool:
+    """True if ``folder`` has a Hugging Face config.json (one with a ``model_type``)."""
+    return _model_type(folder) is not None
+
+
 def is_gpt2_folder(folder: str | os.PathLike) -> bool:
     """True if ``folder`` has a config.json that says ``"model_type": "gpt2"``."""
-    path = Path(folder) / HF_CONFIG
-    try:
-        meta = load_json(path)
-    except ValueError:
-        return False
-    return isinstance(meta, dict) and meta.get("model_type") == "gpt2"
+    return _model_type(folder) == "gpt2"
 
 
 def gpt2_config(meta: Any, path: Path) -> GPTConfig:
@@ -385,6 +399,12 @@ class GPT2Tokenizer:
             )
         return self._tokenizer.decode(arr.tolist(), skip_special_tokens=False)
 
+    @property
+    def files(self) -> list[Path]:
+        """The files it was read from."""
+        names = ("tokenizer.json",) if (self.folder / "tokenizer.json").is_file() else ()
+        return [self.folder / n for n in names or ("vocab.json", "merges.txt")]
+
     def to_dict(self) -> dict[str, str]:
         return {"type": "gpt2", "folder": str(self.folder)}
 
@@ -404,3 +424,9 @@ def load_gpt2_base(
             f"vocabulary only {model.config.vocab_size}"
         )
     return model, tokenizer
+
+
+def copy_tokenizer(tokenizer: GPT2Tokenizer, directory: str | os.PathLike) -> None:
+    """Put the tokenizer's files next to a model written by save_gpt2 (atomically)."""
+    for path in tokenizer.files:
+        atomic_write_bytes(Path(directory) / path.name, path.read_bytes())
