@@ -29,6 +29,7 @@ from minilora.core.optim import SGD, AdamW
 from minilora.core.params import count_parameters
 from minilora.core.qlora import quantize_base
 from minilora.files.checkpoints import load_adapter, load_base, load_model, save_adapter, save_model
+from minilora.files.gpt2 import load_gpt2
 from minilora.lab import exercises
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "gradcheck",
     "load_adapter",
     "load_base",
+    "load_gpt2",
     "load_model",
     "lora_linear_backward",
     "lora_linear_forward",

@@ -27,7 +27,7 @@ SUBPACKAGES = {
         "qlora",
         "tokenizer",
     ],
-    "files": ["io", "checkpoints"],
+    "files": ["io", "gpt2", "peft", "checkpoints"],
     "training": ["batches", "textfile", "data", "planted", "runfolder", "schedule", "train"],
     "lab": [
         "sweep",

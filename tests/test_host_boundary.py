@@ -37,6 +37,8 @@ ANYWHERE = {
 HOST_BOUNDARY = {
     "basics/backend.py": "the one module that chooses NumPy or CuPy",
     "files/io.py": "file formats: reads and writes host arrays",
+    "files/gpt2.py": "GPT-2 files: splits, fuses and checks host arrays read or to be written",
+    "files/peft.py": "PEFT files: fuses, splits and pads host arrays read or to be written",
     "training/batches.py": "batches are packed and scored on the host",
     "core/tokenizer.py": "characters become ids on the host",
     "core/gradcheck.py": "finite differences' bookkeeping on host copies (backend.to_host)",

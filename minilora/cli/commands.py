@@ -22,6 +22,7 @@ from minilora.core.qlora import QUANTIZATIONS, format_qlora_65b, qlora_65b, quan
 from minilora.core.tokenizer import CharTokenizer
 from minilora.files import checkpoints
 from minilora.files.checkpoints import load_base
+from minilora.files.gpt2 import GPT2Tokenizer, copy_tokenizer, is_gpt2_folder
 from minilora.files.io import check_writable_file, save_json, sha256_file
 from minilora.lab.bench import run_benchmark
 from minilora.lab.bench_report import format_results
@@ -171,6 +172,9 @@ def _check_run_options(args: Namespace) -> None:
         )
 
 
+EXPORTS = ("minilora", "peft")
+
+
 def _check_finetune(args: Namespace) -> None:
     """Contradictions refused, then the defaults of the options left unset filled in."""
     _check_run_options(args)
@@ -178,6 +182,18 @@ def _check_finetune(args: Namespace) -> None:
         raise ValueError(
             f"--task {args.task} and --text {args.text} both given: --text fine-tunes on the "
             "file instead of a built-in task; give one of them"
+        )
+    export = one_of("--export", "minilora" if args.export is None else args.export, EXPORTS)
+    gpt2 = args.base is not None and is_gpt2_folder(args.base)
+    if gpt2 and args.text is None:
+        raise ValueError(
+            f"--base {args.base} is a GPT-2 checkpoint: give your text with --text (the "
+            "built-in tasks are character tasks, for the built-in base)"
+        )
+    if export == "peft" and (args.full or not gpt2):
+        raise ValueError(
+            "--export peft writes a LoRA adapter for a Hugging Face GPT-2: it needs a GPT-2 "
+            "folder as --base" + (" and no --full" if args.full else f", not {args.base}")
         )
     task = "shift" if args.task is None else args.task
     one_of("--task", task, FINETUNE_TASKS)  # a text file comes with --text
@@ -343,12 +359,15 @@ def finetune(args: Namespace) -> int:
     if before:
         print(f"before: {_metrics(before)}")
     print(f"after:  {_metrics(after)}")
-    if args.full:
+    if args.full and isinstance(tokenizer, GPT2Tokenizer):  # a GPT-2 folder again
+        info = checkpoints.save_model(model, out / "model", format="hf")
+        copy_tokenizer(tokenizer, out / "model")
+    elif args.full:
         info = checkpoints.save_model(
             model, out / "model", extra={"tokenizer": tokenizer.to_dict()}
         )
     else:
-        info = checkpoints.save_adapter(model, out / "adapter")
+        info = checkpoints.save_adapter(model, out / "adapter", format=args.export or "minilora")
     print(f"saved {info['weights']} ({info['bytes'] / 1e3:.1f} kB)")
     return 0
 

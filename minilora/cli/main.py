@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  minilora finetune --task shift --rank 8 --targets q,v\n"
         "  minilora finetune --task rot --full --lr 3e-4\n"
-        "  minilora finetune --base runs/base/model --text my.txt",
+        "  minilora finetune --base runs/base/model --text my.txt\n"
+        "  minilora finetune --base path/to/gpt2 --text my.txt --export peft",
     )
     _common(p)
     _base(p)
@@ -231,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="nf4: store the base's linears in 4-bit NormalFloat, QLoRA (default: none)",
     )
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
+    p.add_argument(
+        "--export",
+        default=None,
+        help="adapter format: minilora, or peft (PEFT's, for a GPT-2 --base) (default minilora)",
+    )
     _training(p, steps=300, batch=64, lr=LORA_LR)
 
     p = sub.add_parser(
@@ -240,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  minilora generate --prompt 'rev hello>'\n"
         "  minilora generate --adapter runs/finetune/adapter --prompt 'shift abc>'\n"
-        "  minilora generate --adapter runs/finetune/adapter --merge --greedy",
+        "  minilora generate --adapter runs/finetune/adapter --merge --greedy\n"
+        "  minilora generate --base path/to/gpt2 --adapter runs/finetune/adapter --prompt 'Hi'",
     )
     _common(p)
     _base(p)

@@ -103,11 +103,16 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     dropout: float = 0.0  # residual and embedding dropout of the base model
+    # the eps of every layer norm: 1e-5 is GPT-2's (and PyTorch's default); a config
+    # written before this field existed loads with it
+    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             object.__setattr__(self, name, positive_int(f"GPTConfig {name}", getattr(self, name)))
         object.__setattr__(self, "dropout", probability("GPTConfig dropout", self.dropout))
+        eps = positive_real("GPTConfig layer_norm_eps", self.layer_norm_eps)
+        object.__setattr__(self, "layer_norm_eps", eps)
         if self.d_model % self.n_head:
             raise ValueError(
                 f"GPTConfig d_model={self.d_model} is not divisible by n_head={self.n_head}; "
@@ -484,7 +489,8 @@ class GPT:
         """x_out = x_mid + mlp(ln_2(x_mid)),  x_mid = x + attn(ln_1(x)).   All (B, T, C)
         unless noted; ``_block_backward`` walks these lines bottom to top."""
         p, h, H = self.params, f"h.{i}", self.config.n_head
-        ln1, c_ln1 = layer_norm_forward(x, p[f"{h}.ln_1.weight"], p[f"{h}.ln_1.bias"])
+        eps = self.config.layer_norm_eps
+        ln1, c_ln1 = layer_norm_forward(x, p[f"{h}.ln_1.weight"], p[f"{h}.ln_1.bias"], eps)
         q, c_q = self._linear(f"{h}.attn.q", ln1, train)
         k, c_k = self._linear(f"{h}.attn.k", ln1, train)
         v, c_v = self._linear(f"{h}.attn.v", ln1, train)
@@ -492,7 +498,7 @@ class GPT:
         attproj, c_o = self._linear(f"{h}.attn.o", atty, train)
         attdrop, c_attdrop = self._dropout(attproj, train)
         x_mid, _ = residual_forward(x, attdrop)
-        ln2, c_ln2 = layer_norm_forward(x_mid, p[f"{h}.ln_2.weight"], p[f"{h}.ln_2.bias"])
+        ln2, c_ln2 = layer_norm_forward(x_mid, p[f"{h}.ln_2.weight"], p[f"{h}.ln_2.bias"], eps)
         fch, c_fc = self._linear(f"{h}.mlp.fc", ln2, train)  # (B, T, 4C)
         fch_gelu, c_gelu = gelu_forward(fch)  # (B, T, 4C)
         fcproj, c_proj = self._linear(f"{h}.mlp.proj", fch_gelu, train)
@@ -513,7 +519,9 @@ class GPT:
         for i in range(self.config.n_layer):
             x, c_block = self._block_forward(i, x, train)
             c_blocks.append(c_block)
-        lnf, c_lnf = layer_norm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
+        lnf, c_lnf = layer_norm_forward(
+            x, p["ln_f.weight"], p["ln_f.bias"], self.config.layer_norm_eps
+        )  # (B, T, C)
         # tied head: lnf wte^T (B, T, V); lnf is kept only if wte trains
         logits, c_head = linear_forward(lnf, p["wte.weight"], None, self.is_trainable("wte.weight"))
         return logits, (c_tok, c_pos, c_embdrop, c_blocks, c_lnf, c_head)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
-from minilora.basics.checks import boolean
+from minilora.basics.checks import boolean, one_of
 from minilora.basics.version import __version__
 from minilora.core.adapters import (
     adapter_modules,
@@ -43,7 +43,9 @@ from minilora.core.model import (
     weights_fingerprint,
 )
 from minilora.core.tokenizer import CharTokenizer
+from minilora.files.gpt2 import GPT2Tokenizer, is_hf_folder, load_gpt2_base, save_gpt2
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
+from minilora.files.peft import is_peft_config, load_peft_adapter, save_peft_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,6 +53,8 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m in a file: PEFT's name for it
+MODEL_FORMATS = ("minilora", "hf")
+ADAPTER_FORMATS = ("minilora", "peft")
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
@@ -93,12 +97,18 @@ def _read_fields(path: Path, fields: dict[str, tuple[tuple[type, ...], bool]]) -
 
 
 # ------------------------------------------------------------------------ adapters
-def save_adapter(model: GPT, directory: str | os.PathLike, name: str = "default") -> dict:
+def save_adapter(
+    model: GPT, directory: str | os.PathLike, name: str = "default", format: str = "minilora"
+) -> dict:
     """Write adapter ``name``'s A and B and its config to ``directory``.
 
+    ``format="peft"`` writes PEFT's own adapter for a GPT-2 instead (peft.py: q, k, v
+    fused into c_attn), which ``PeftModel.from_pretrained`` loads on GPT2LMHeadModel.
     Returns {"config": path, "weights": path, "bytes": size of both files}.
     """
     require_gpt(model)
+    if one_of("format", format, ADAPTER_FORMATS) == "peft":
+        return save_peft_adapter(model, directory, name)
     if name not in model.adapters:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(model.adapters)}")
     adapter = model.adapters[name]
@@ -140,6 +150,9 @@ def load_adapter(
 ) -> str:
     """Add the adapter saved in ``directory`` to ``model``; returns its name.
 
+    A PEFT LoRA adapter for GPT-2 (its config has ``peft_type``) is recognised and
+    loaded by peft.load_peft_adapter, its fused c_attn split into q, k and v.
+
     Checks, before anything changes: both files exist and parse; the config is a
     valid LoraConfig for this architecture; the base weights have the fingerprint the
     adapter was trained on; every tensor is present, has the right shape, is finite.
@@ -154,12 +167,18 @@ def load_adapter(
     boolean("activate", activate)
     directory = _folder("adapter", directory)
     config_path = directory / ADAPTER_CONFIG
+    if is_peft_config(load_json(config_path)):  # PEFT's own format (peft.py)
+        return load_peft_adapter(model, directory, name, activate)
     meta = _read_fields(config_path, ADAPTER_FIELDS)
     try:  # the message names the file the bad value came from
         config = LoraConfig.from_dict(meta["lora_config"])
     except (TypeError, ValueError) as err:
         raise type(err)(f"{config_path}: {err}") from None
-    if meta["base_config"] != model.config.to_dict():
+    try:  # through GPTConfig: a file written before a field existed gets its default
+        base_config = GPTConfig.from_dict(meta["base_config"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{config_path}: {err}") from None
+    if base_config != model.config:
         raise ValueError(
             f"{directory}: adapter is for a model with {meta['base_config']}, "
             f"this model has {model.config.to_dict()}"
@@ -259,13 +278,18 @@ def _check_update_fits(
 
 # -------------------------------------------------------------------------- models
 def save_model(
-    model: GPT, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+    model: GPT,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    format: str = "minilora",
 ) -> dict:
     """Write the base weights and the config to ``directory`` (adapters: save_adapter).
 
     With adapters merged, the weights written include their updates: that is how a
     fine-tuned model is exported as a plain GPT. ``extra`` is stored in config.json
-    (e.g. the tokenizer and the command that made the model).
+    (e.g. the tokenizer and the command that made the model). ``format="hf"`` writes
+    a Hugging Face GPT-2 folder instead, every active adapter merged into the copy
+    written (gpt2.save_gpt2; ``extra`` has no place there).
     """
     require_gpt(model)
     if model.quantization:
@@ -275,6 +299,12 @@ def save_model(
             "quantizing it again after loading gives the same 4-bit storage), and the "
             "adapter with save_adapter"
         )
+    if one_of("format", format, MODEL_FORMATS) == "hf":
+        if extra:
+            raise ValueError(
+                "extra= has no place in a Hugging Face folder; pass it with format='minilora'"
+            )
+        return save_gpt2(model, directory)
     directory = Path(directory)
     weights, config = directory / MODEL_WEIGHTS, directory / MODEL_CONFIG
     tensors = {name: to_host(model.params[name]) for name in model.base_names()}
@@ -316,9 +346,15 @@ def load_model(
 
 def load_base(
     folder: str | os.PathLike | None = None, device: str | None = None
-) -> tuple[GPT, CharTokenizer]:
-    """A base model and its tokenizer: ``folder``, or the built-in pretrained base."""
+) -> tuple[GPT, CharTokenizer | GPT2Tokenizer]:
+    """A base model and its tokenizer: ``folder``, or the built-in pretrained base.
+
+    A Hugging Face folder (config.json has a ``model_type``) must be a GPT-2 one, and
+    gives the GPT-2 and its BPE tokenizer (gpt2.load_gpt2_base).
+    """
     path = Path(folder) if folder is not None else BUILTIN_BASE
+    if folder is not None and is_hf_folder(path):  # not GPT-2: load_gpt2 says what it is
+        return load_gpt2_base(path, device=device)
     if folder is None and not (path / MODEL_WEIGHTS).exists():
         raise ValueError(
             f"the built-in base is missing from {path}; rebuild it with `{PRETRAIN_COMMAND}` "

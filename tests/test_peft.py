@@ -1,0 +1,214 @@
+"""PEFT's adapter format without PEFT: the fusion and the split are exact, bad files refused.
+
+The checks against PEFT itself are in tests/test_gpt2_reference.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import random_model, randomise_adapters
+
+import minilora as ml
+from minilora.files.io import load_safetensors, save_safetensors
+
+CFG = ml.GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=8)
+PREFIX = "base_model.model.transformer.h"
+
+
+def adapted(config, seed=0):
+    model = random_model(CFG, seed=seed)
+    ml.add_adapter(model, config)
+    randomise_adapters(model, seed=seed + 1)
+    return model.eval()
+
+
+def delta(model, module, name="default"):
+    adapter = model.adapters[name]
+    A, B = (model.params[f"{module}.lora_{x}.{name}"] for x in "AB")
+    return ml.delta_weight(A, B, adapter.config.scale)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fused_c_attn_has_the_same_delta_w(tmp_path, rslora):
+    config = ml.LoraConfig(r=2, alpha=3.0, target_modules=("q", "v", "fc"), use_rslora=rslora)
+    model = adapted(config)
+    ml.save_adapter(model, tmp_path, format="peft")
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors, _ = load_safetensors(tmp_path / "adapter_model.safetensors")
+    assert meta["target_modules"] == ["c_attn", "c_fc"] and meta["r"] == 2
+    assert meta["rank_pattern"] == {"c_attn": 4}  # q and v stacked: rank 2 + 2
+    R, alpha_c = 4, meta["alpha_pattern"]["c_attn"]
+    scale_c = alpha_c / (np.sqrt(R) if rslora else R)
+    assert scale_c == pytest.approx(config.scale, rel=1e-15)  # the scale is kept
+    C = CFG.d_model
+    for i in range(CFG.n_layer):
+        A = tensors[f"{PREFIX}.{i}.attn.c_attn.lora_A.weight"]
+        B = tensors[f"{PREFIX}.{i}.attn.c_attn.lora_B.weight"]
+        assert A.shape == (R, C) and B.shape == (3 * C, R)
+        fused = scale_c * (B @ A)  # (3d, d): rows q | k | v
+        np.testing.assert_allclose(fused[:C], delta(model, f"h.{i}.attn.q"), rtol=1e-13, atol=1e-15)
+        assert not fused[C : 2 * C].any()  # k is not adapted: exactly zero
+        np.testing.assert_allclose(
+            fused[2 * C :], delta(model, f"h.{i}.attn.v"), rtol=1e-13, atol=1e-15
+        )
+        np.testing.assert_array_equal(
+            tensors[f"{PREFIX}.{i}.mlp.c_fc.lora_B.weight"],
+            model.params[f"h.{i}.mlp.fc.lora_B.default"],
+        )
+
+
+def write_peft(folder, config, tensors):
+    folder.mkdir(exist_ok=True)
+    meta = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["c_attn"],
+        "bias": "none",
+    }
+    meta.update(config)
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+
+
+def c_attn_tensors(blocks=(0, 1), r=4, seed=0):
+    rng = np.random.default_rng(seed)
+    C = CFG.d_model
+    out = {}
+    for i in blocks:
+        out[f"{PREFIX}.{i}.attn.c_attn.lora_A.weight"] = rng.normal(size=(r, C))
+        out[f"{PREFIX}.{i}.attn.c_attn.lora_B.weight"] = rng.normal(size=(3 * C, r))
+    return out
+
+
+def test_fused_c_attn_splits_into_q_k_v_exactly(tmp_path):
+    tensors = c_attn_tensors()
+    write_peft(tmp_path, {}, tensors)
+    model = random_model(CFG)
+    assert ml.load_adapter(model, tmp_path) == "default"
+    adapter = model.adapters["default"]
+    assert adapter.config.r == 4 and adapter.config.scale == 2.0
+    assert adapter.config.target_modules == ("q", "k", "v")
+    C = CFG.d_model
+    A, B = (
+        tensors[f"{PREFIX}.1.attn.c_attn.lora_A.weight"],
+        tensors[f"{PREFIX}.1.attn.c_attn.lora_B.weight"],
+    )
+    for j, t in enumerate("qkv"):  # A shared, B its row block: bit for bit
+        np.testing.assert_array_equal(model.params[f"h.1.attn.{t}.lora_A.default"], A)
+        np.testing.assert_array_equal(
+            model.params[f"h.1.attn.{t}.lora_B.default"], B[j * C : (j + 1) * C]
+        )
+
+
+def test_patterns_are_padded_and_folded(tmp_path):
+    """c_fc with rank 2 and its own alpha, c_attn rank 4: one rank-4 adapter, same ΔW."""
+    rng = np.random.default_rng(1)
+    tensors = c_attn_tensors(blocks=(0,))
+    A_fc, B_fc = rng.normal(size=(2, 8)), rng.normal(size=(32, 2))
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_A.weight"] = A_fc
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_B.weight"] = B_fc
+    write_peft(
+        tmp_path,
+        {
+            "target_modules": ["c_attn", "c_fc"],
+            "rank_pattern": {"c_fc": 2},
+            "alpha_pattern": {"c_fc": 3},
+        },
+        tensors,
+    )
+    model = random_model(CFG)
+    ml.load_adapter(model, tmp_path)
+    config = model.adapters["default"].config
+    assert (config.r, config.scale, config.layers) == (4, 2.0, None)
+    np.testing.assert_allclose(
+        delta(model, "h.1.mlp.fc"), 1.5 * (B_fc @ A_fc), rtol=1e-13, atol=1e-14
+    )
+    assert not delta(model, "h.0.mlp.fc").any()  # the grid's empty cell adds nothing
+    assert not delta(model, "h.1.attn.q").any()
+
+
+def test_round_trip_keeps_every_delta_w(tmp_path):
+    model = adapted(ml.LoraConfig(r=2, target_modules=ml.TARGET_MODULES, layers=(1,)))
+    ml.save_adapter(model, tmp_path, format="peft")
+    again = random_model(CFG)
+    ml.load_adapter(again, tmp_path, name="back")
+    for module in model.adapters["default"].modules:
+        np.testing.assert_allclose(
+            delta(again, module, "back"), delta(model, module), rtol=1e-12, atol=1e-15
+        )
+
+
+def _meta(**change):
+    return lambda folder: write_peft(folder, change, c_attn_tensors())
+
+
+def _tensors(change):
+    def prepare(folder):
+        tensors = c_attn_tensors()
+        change(tensors)
+        write_peft(folder, {}, tensors)
+
+    return prepare
+
+
+def _nan(t):
+    t[f"{PREFIX}.0.attn.c_attn.lora_B.weight"][0, 0] = np.nan
+
+
+BAD = [
+    ("dora", _meta(use_dora=True), "use_dora=True"),
+    ("bias_all", _meta(bias="all"), "bias='all'"),
+    ("modules_to_save", _meta(modules_to_save=["lm_head"]), "modules_to_save"),
+    ("pissa_init", _meta(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+    ("prefix_tuning", _meta(peft_type="PREFIX_TUNING"), "peft_type='PREFIX_TUNING'"),
+    ("r_zero", _meta(r=0), "r=0"),
+    ("alpha_string", _meta(lora_alpha="8"), "lora_alpha"),
+    ("rank_mismatch", _meta(r=3), r"shape \(4, 8\).*r=3"),
+    (
+        "unknown_key",
+        _tensors(lambda t: t.update(other=np.zeros(2))),
+        "'other' is not a LoRA factor",
+    ),
+    (
+        "lm_head",
+        _tensors(lambda t: t.update({"base_model.model.lm_head.lora_A.weight": np.zeros(2)})),
+        "lm_head",
+    ),
+    ("only_A", _tensors(lambda t: t.pop(f"{PREFIX}.1.attn.c_attn.lora_B.weight")), "not both"),
+    (
+        "block_5",
+        _tensors(lambda t: t.update({k.replace("h.0", "h.5"): v for k, v in list(t.items())})),
+        "h.5",
+    ),
+    ("nan", _tensors(_nan), "NaN"),
+    ("empty", _tensors(lambda t: t.clear()), "no LoRA factors"),
+]
+
+
+@pytest.mark.parametrize("prepare, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_peft_adapter_is_refused_and_changes_nothing(tmp_path, prepare, match):
+    prepare(tmp_path)
+    model = random_model(CFG)
+    before = model.state_dict()
+    with pytest.raises((TypeError, ValueError), match=match) as err:
+        ml.load_adapter(model, tmp_path)
+    assert "\n" not in str(err.value)
+    assert not model.adapters and model.state_dict().keys() == before.keys()
+
+
+def test_export_refuses_pissa_dora_merged_and_unknown_format(tmp_path):
+    model = adapted(ml.LoraConfig(r=2, init="pissa"))
+    with pytest.raises(ValueError, match="PiSSA"):
+        ml.save_adapter(model, tmp_path, format="peft")
+    model = adapted(ml.LoraConfig(r=2, use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        ml.save_adapter(model, tmp_path, format="peft")
+    model = adapted(ml.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="format='torch'"):
+        ml.save_adapter(model, tmp_path, format="torch")
+    ml.merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        ml.save_adapter(model, tmp_path, format="peft")
+    assert not list(tmp_path.iterdir())
