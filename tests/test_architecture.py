@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 
 SUBPACKAGES = {
-    "basics": ["version", "checks", "backend", "blas"],
+    "basics": ["version", "checks", "backend", "parallel", "blas"],
     "core": ["layers", "lora", "model", "adapters", "optim", "gradcheck", "params", "tokenizer"],
     "files": ["io", "checkpoints"],
     "training": ["batches", "textfile", "data", "planted", "runfolder", "schedule", "train"],

@@ -21,7 +21,6 @@ the GPU) every function here is a no-op that says so.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,14 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from minilora.basics.checks import positive_int
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (the affinity mask, else the CPU count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from minilora.basics.parallel import limited_element_threads, usable_cores
 
 
 def check_threads(name: str, n: Any) -> int:
@@ -98,11 +90,13 @@ def summary(threads: int | None = None) -> str:
 
 @contextlib.contextmanager
 def limited_threads(n: int | None) -> Iterator[None]:
-    """Within the block, BLAS uses at most ``n`` threads (None: leave it as it is)."""
+    """Within the block, BLAS uses at most ``n`` threads (None: leave it as it is), and
+    so does the element-wise work of parallel.py: one count for all of a step's work."""
     if n is None:
         yield
         return
-    with threadpool_limits(limits=positive_int("threads", n), user_api="blas"):
+    n = positive_int("threads", n)
+    with threadpool_limits(limits=n, user_api="blas"), limited_element_threads(n):
         yield
 
 

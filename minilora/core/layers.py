@@ -17,6 +17,12 @@ hs head size (C / H), V vocabulary, N "any leading dimensions".
 
 Array code uses ``xp = xp_of(x)``, the namespace (NumPy or CuPy) of its input, so the
 same lines run on both backends.
+
+The row-wise ops (layer norm, GELU, softmax) write their arithmetic for a block of rows
+in a private ``_..._rows`` function and call it through ``by_rows`` (basics/parallel.py):
+on the CPU a large array is cut into cache-sized blocks of rows that run on all cores;
+each row's arithmetic is unchanged, so the result is bit for bit the same. Read the
+``_rows`` function as the op.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 from typing import Any, NamedTuple
 
 from minilora.basics.backend import scatter_add, to_host, xp_of
+from minilora.basics.parallel import by_rows
 
 Array = Any  # a NumPy or CuPy ndarray
 
@@ -115,6 +122,12 @@ def layer_norm_forward(
 
     var is the biased (1/C) variance, as in PyTorch. x (N..., C), weight, bias (C,).
     """
+    y, xhat, rstd = by_rows(_layer_norm_rows, x, weight, bias, eps)  # row blocks, all cores
+    return y, LayerNormCache(xhat, rstd, weight)
+
+
+def _layer_norm_rows(x: Array, weight: Array, bias: Array, eps: float) -> tuple[Array, ...]:
+    """Layer norm of the rows x (rows, C): returns y, xhat (rows, C) and rstd (rows, 1)."""
     xp = xp_of(x)
     C = x.shape[-1]
     xhat = x - x.mean(axis=-1, keepdims=True)  # centred here, normalised in place below
@@ -123,7 +136,7 @@ def layer_norm_forward(
     xhat *= rstd
     y = xhat * weight
     y += bias
-    return y, LayerNormCache(xhat, rstd, weight)
+    return y, xhat, rstd
 
 
 def layer_norm_backward(
@@ -136,6 +149,19 @@ def layer_norm_backward(
     (the two mean terms are the paths through the mean and the variance).
     """
     xhat, rstd, weight = cache
+    dx, *dy_xhat = by_rows(_layer_norm_backward_rows, (dy, xhat, rstd), weight, need_dparams)
+    if not need_dparams:
+        return dx, None, None
+    C = dy.shape[-1]  # the sums over rows stay whole: blocks would reorder their additions
+    dweight = dy_xhat[0].reshape(-1, C).sum(axis=0)
+    dbias = dy.reshape(-1, C).sum(axis=0)
+    return dx, dweight, dbias
+
+
+def _layer_norm_backward_rows(
+    dy: Array, xhat: Array, rstd: Array, weight: Array, need_dparams: bool
+) -> tuple[Array, ...]:
+    """dx of layer norm for the rows dy (rows, C), and dy * xhat (for dweight) if asked."""
     xp = xp_of(dy)
     dx = dy * weight  # dxhat, turned into dx in place
     mean_dxhat = dx.mean(axis=-1, keepdims=True)
@@ -145,12 +171,9 @@ def layer_norm_backward(
     dx -= mean_dxhat
     dx *= rstd
     if not need_dparams:
-        return dx, None, None
-    C = dy.shape[-1]
+        return (dx,)
     xp.multiply(dy, xhat, out=term)
-    dweight = term.reshape(-1, C).sum(axis=0)
-    dbias = dy.reshape(-1, C).sum(axis=0)
-    return dx, dweight, dbias
+    return dx, term
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -164,6 +187,12 @@ def gelu_forward(x: Array) -> tuple[Array, tuple]:
     The argument is computed as c x (1 + 0.044715 x^2), in place: four passes over
     memory instead of ten (and x*x, never x**3: pow is 100x slower).
     """
+    y, t = by_rows(_gelu_rows, x)  # row blocks, all cores (basics/parallel.py)
+    return y, (x, t)
+
+
+def _gelu_rows(x: Array) -> tuple[Array, Array]:
+    """GELU of a block of rows: returns y and t = tanh(...), which the backward reuses."""
     xp = xp_of(x)
     inner = x * x
     inner *= _GELU_A * _GELU_C
@@ -173,12 +202,17 @@ def gelu_forward(x: Array) -> tuple[Array, tuple]:
     y = t + 1.0
     y *= x
     y *= 0.5
-    return y, (x, t)
+    return y, t
 
 
 def gelu_backward(dy: Array, cache: tuple) -> Array:
     """dx = dy * [0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)], t cached."""
     x, t = cache
+    return by_rows(_gelu_backward_rows, (dy, x, t))  # row blocks, all cores
+
+
+def _gelu_backward_rows(dy: Array, x: Array, t: Array) -> Array:
+    """dx of GELU for a block of rows (the formula above)."""
     xp = xp_of(dy)
     local = x * x
     local *= 3 * _GELU_A * _GELU_C
@@ -198,16 +232,27 @@ def gelu_backward(dy: Array, cache: tuple) -> Array:
 def softmax_forward(x: Array) -> tuple[Array, Array]:
     """y = exp(x - max) / sum exp(x - max) over the last axis (shifting by the max
     changes nothing mathematically and keeps exp from overflowing). Cache: y."""
+    y = by_rows(_softmax_rows, x)  # row blocks, all cores (basics/parallel.py)
+    return y, y
+
+
+def _softmax_rows(x: Array) -> Array:
+    """Softmax of a block of rows x (rows, n) over each row."""
     xp = xp_of(x)
     y = x - x.max(axis=-1, keepdims=True)
     xp.exp(y, out=y)  # in place: one array for the whole softmax
     y /= y.sum(axis=-1, keepdims=True)
-    return y, y
+    return y
 
 
 def softmax_backward(dy: Array, y: Array) -> Array:
     """dx = y * (dy - sum(dy * y)) over the last axis: the softmax Jacobian
     diag(y) - y y^T applied to dy without forming it."""
+    return by_rows(_softmax_backward_rows, (dy, y))  # row blocks, all cores
+
+
+def _softmax_backward_rows(dy: Array, y: Array) -> Array:
+    """dx of softmax for a block of rows."""
     dx = dy * y
     dx -= y * dx.sum(axis=-1, keepdims=True)
     return dx
