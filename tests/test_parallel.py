@@ -135,29 +135,39 @@ def test_blocks_cover_every_row_once_and_run_on_two_threads(serial):
     serial(False)
     seen = set()
 
-    def rows(x):
+    def rows(x, y, first):
         seen.add(threading.current_thread().name)
-        return x + 1.0, x[:, :1] * 2.0
+        np.add(x, 1.0, out=y)
+        np.multiply(x[:, :1], 2.0, out=first)
 
     x = np.arange(5 * 7 * 24, dtype=np.float64).reshape(5, 7, 24)
+    y, first = np.full_like(x, np.nan), np.full((5, 7, 1), np.nan)
     with parallel.limited_element_threads(2):
-        y, first = parallel.by_rows(rows, x)
+        assert parallel.by_rows(rows, (x, y, first)) is None
     assert np.array_equal(y, x + 1.0) and np.array_equal(first, x[..., :1] * 2.0)
     assert len(seen) == 2  # this thread and one of the pool's
 
 
-def test_small_arrays_and_one_row_call_the_op_once():
+def test_small_or_not_contiguous_arrays_and_one_row_call_the_op_once(serial):
     calls = []
 
-    def fn(x):
+    def double(x, y):
         calls.append(x.shape)
-        return x * 2
+        np.multiply(x, 2, out=y)
 
     x = np.ones((3, 4), dtype=np.float32)  # far under MIN_PARALLEL_ELEMENTS
-    assert np.array_equal(parallel.by_rows(fn, x), x * 2)
     big = np.ones(parallel.MIN_PARALLEL_ELEMENTS, dtype=np.float32)  # 1-D: one row
-    assert np.array_equal(parallel.by_rows(fn, big), big * 2)
+    for a in (x, big):
+        y = np.empty_like(a)
+        parallel.by_rows(double, (a, y))
+        assert np.array_equal(y, a * 2)
     assert calls == [(3, 4), big.shape]
+    serial(False)  # blocks for every size now; a transposed output is not contiguous
+    wide = np.ones((40, 24), dtype=np.float32)
+    out = np.empty((24, 40), dtype=np.float32).T  # a block of its reshape would be a copy
+    with parallel.limited_element_threads(2):
+        parallel.by_rows(double, (wide, out))
+    assert np.array_equal(out, wide * 2) and calls[-1] == (40, 24)
 
 
 def test_an_error_in_a_block_reaches_the_caller(serial):
@@ -166,11 +176,10 @@ def test_an_error_in_a_block_reaches_the_caller(serial):
     def fails_on_the_last_block(x):
         if x[-1, 0] == 6.0:
             raise ValueError("row 6 is bad")
-        return x
 
     x = np.repeat(np.arange(7.0)[:, None], 24, axis=1)
     with parallel.limited_element_threads(2), pytest.raises(ValueError, match="row 6"):
-        parallel.by_rows(fails_on_the_last_block, x)
+        parallel.by_rows(fails_on_the_last_block, (x,))
 
 
 def test_blas_limited_threads_sets_the_element_threads_too():

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from minilora.basics.backend import is_device_array, xp_of
+from minilora.basics.backend import is_device_array
 from minilora.basics.checks import positive_int
 
 Array = Any
@@ -99,64 +99,51 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _leading(a: Array, ndim: int) -> Array:
-    """``a`` as (items, *last ndim axes): the leading axes flattened (a view when
-    ``a`` is contiguous)."""
+    """``a`` as (items, *last ndim axes): the leading axes flattened (a view, as ``a`` is
+    C-contiguous)."""
     return a.reshape(-1, *a.shape[a.ndim - ndim :]) if a.ndim > ndim else a[None]
 
 
-def by_rows(
-    fn: Callable[..., Any], arrays: Array | tuple[Array, ...], *args: Any, ndim: int = 1
-) -> Any:
-    """``fn(*arrays, *args)`` computed on blocks of rows, on :func:`element_threads` threads.
+def by_rows(fn: Callable[..., None], arrays: tuple[Array, ...], *args: Any, ndim: int = 1) -> None:
+    """``fn(*arrays, *args)``, run on blocks of rows on :func:`element_threads` threads.
 
-    ``arrays``: one array or a tuple of arrays with the same leading shape N...; a
-    "row" is one item of their last ``ndim`` axes (a vector for ``ndim=1``, a (T, T)
-    score matrix for ``ndim=2``). ``args`` go to every call unchanged (a weight, eps).
-    ``fn`` must treat each row on its own; it returns an array or a tuple of arrays,
-    each (rows of the block, ...), or None when it works in place on its inputs.
-    Returns what ``fn(*arrays, *args)`` would, outputs shaped (N..., ...): bit for bit.
+    ``arrays``: the inputs and the outputs, all with the same leading shape N...; the
+    caller allocates the outputs (``xp.empty``) and ``fn`` writes its results into
+    them (``out=``, ``*=``), row by row: no row may read another. A "row" is one item
+    of the last ``ndim`` axes (a vector for ``ndim=1``, a (T, T) matrix for ``ndim=2``).
+    ``args`` go to every call unchanged (a weight, eps). Writing into the caller's
+    arrays, instead of returning blocks to be joined, saves a copy of every output.
+
+    One call on the whole arrays (the serial path) on CuPy, under
+    :data:`MIN_PARALLEL_ELEMENTS`, or when an array is not C-contiguous (a block of it
+    would be a copy, and writes into a copy are lost).
     """
-    arrays = arrays if isinstance(arrays, tuple) else (arrays,)
     first = arrays[0]
-    if is_device_array(first) or first.size < MIN_PARALLEL_ELEMENTS or first.ndim < ndim:
-        return fn(*arrays, *args)  # CuPy: its own kernels use the GPU; small: not worth it
-    lead = first.shape[: first.ndim - ndim]
+    if (
+        is_device_array(first)
+        or first.size < MIN_PARALLEL_ELEMENTS
+        or first.ndim < ndim
+        or not all(a.flags.c_contiguous for a in arrays)
+    ):
+        fn(*arrays, *args)  # CuPy: its own kernels use the GPU; small: not worth a thread
+        return
     rows = [_leading(a, ndim) for a in arrays]
     n = rows[0].shape[0]
     per_block = max(1, BLOCK_BYTES // max(1, rows[0][0].nbytes))
     starts = list(range(0, n, per_block))
     if len(starts) == 1:
-        return fn(*arrays, *args)
+        fn(*arrays, *args)  # one block: the arrays as they are
+        return
+    k = min(element_threads(), len(starts))
+    shares = [starts[i * len(starts) // k : (i + 1) * len(starts) // k] for i in range(k)]
 
-    def run(start: int) -> Any:
-        return fn(*(r[start : start + per_block] for r in rows), *args)
-
-    result = run(starts[0])  # the first block tells the outputs' number, dtype, shape
-    single = result is not None and not isinstance(result, tuple)
-    parts = () if result is None else ((result,) if single else result)
-    outs = tuple(_empty_like_rows(p, n) for p in parts)
-
-    def store(start: int, part: Any) -> None:
-        for out, p in zip(outs, (part,) if single else part or (), strict=True):
-            out[start : start + p.shape[0]] = p
-
-    store(starts[0], result)
-
-    def share(my_starts: list[int]) -> None:
+    def run(my_starts: list[int]) -> None:
         for start in my_starts:
-            store(start, run(start))
+            fn(*(r[start : start + per_block] for r in rows), *args)
 
-    rest = starts[1:]
-    k = min(element_threads(), len(rest))
-    groups = [rest[i * len(rest) // k : (i + 1) * len(rest) // k] for i in range(k)]
-    futures = [_executor().submit(share, g) for g in groups[1:]]
-    share(groups[0])  # this thread takes the first share
-    for f in futures:
-        f.result()  # re-raises an error of a worker here
-    shaped = tuple(o.reshape(*lead, *o.shape[1:]) for o in outs)
-    return None if result is None else (shaped[0] if single else shaped)
-
-
-def _empty_like_rows(part: Array, n: int) -> Array:
-    """An uninitialised (n, *part.shape[1:]) array of part's dtype, in its namespace."""
-    return xp_of(part).empty((n, *part.shape[1:]), dtype=part.dtype)
+    futures = [_executor().submit(run, share) for share in shares[1:]]
+    try:
+        run(shares[0])  # this thread takes the first share
+    finally:
+        for f in futures:
+            f.result()  # waits for every block, and re-raises a worker's error here

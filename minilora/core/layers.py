@@ -18,11 +18,11 @@ hs head size (C / H), V vocabulary, N "any leading dimensions".
 Array code uses ``xp = xp_of(x)``, the namespace (NumPy or CuPy) of its input, so the
 same lines run on both backends.
 
-The row-wise ops (layer norm, GELU, softmax) write their arithmetic for a block of rows
-in a private ``_..._rows`` function and call it through ``by_rows`` (basics/parallel.py):
-on the CPU a large array is cut into cache-sized blocks of rows that run on all cores;
-each row's arithmetic is unchanged, so the result is bit for bit the same. Read the
-``_rows`` function as the op.
+The row-wise ops (layer norm, GELU, softmax) allocate their outputs and write into
+them in a private ``_..._rows`` function, called through ``by_rows``
+(basics/parallel.py): on the CPU a large array is cut into cache-sized blocks of rows
+that run on all cores. No row's arithmetic changes, so the result is bit for bit that
+of one call on the whole array. Read the ``_rows`` function as the op.
 """
 
 from __future__ import annotations
@@ -122,21 +122,25 @@ def layer_norm_forward(
 
     var is the biased (1/C) variance, as in PyTorch. x (N..., C), weight, bias (C,).
     """
-    y, xhat, rstd = by_rows(_layer_norm_rows, x, weight, bias, eps)  # row blocks, all cores
+    xp = xp_of(x)
+    y, xhat = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
+    rstd = xp.empty((*x.shape[:-1], 1), x.dtype)
+    by_rows(_layer_norm_rows, (x, y, xhat, rstd), weight, bias, eps)  # row blocks, all cores
     return y, LayerNormCache(xhat, rstd, weight)
 
 
-def _layer_norm_rows(x: Array, weight: Array, bias: Array, eps: float) -> tuple[Array, ...]:
-    """Layer norm of the rows x (rows, C): returns y, xhat (rows, C) and rstd (rows, 1)."""
+def _layer_norm_rows(
+    x: Array, y: Array, xhat: Array, rstd: Array, weight: Array, bias: Array, eps: float
+) -> None:
+    """Layer norm of rows x (rows, C) into y and xhat (rows, C), and rstd (rows, 1)."""
     xp = xp_of(x)
     C = x.shape[-1]
-    xhat = x - x.mean(axis=-1, keepdims=True)  # centred here, normalised in place below
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # centred; normalised below
     var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # no (N, C) temporary
-    rstd = 1.0 / xp.sqrt(var + eps)
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
     xhat *= rstd
-    y = xhat * weight
+    xp.multiply(xhat, weight, out=y)
     y += bias
-    return y, xhat, rstd
 
 
 def layer_norm_backward(
@@ -149,31 +153,29 @@ def layer_norm_backward(
     (the two mean terms are the paths through the mean and the variance).
     """
     xhat, rstd, weight = cache
-    dx, *dy_xhat = by_rows(_layer_norm_backward_rows, (dy, xhat, rstd), weight, need_dparams)
+    xp = xp_of(dy)
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_layer_norm_backward_rows, (dy, xhat, rstd, dx), weight)  # row blocks, all cores
     if not need_dparams:
         return dx, None, None
-    C = dy.shape[-1]  # the sums over rows stay whole: blocks would reorder their additions
-    dweight = dy_xhat[0].reshape(-1, C).sum(axis=0)
+    C = dy.shape[-1]  # sums over rows: whole, as blocks would reorder their additions
+    dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
     dbias = dy.reshape(-1, C).sum(axis=0)
     return dx, dweight, dbias
 
 
 def _layer_norm_backward_rows(
-    dy: Array, xhat: Array, rstd: Array, weight: Array, need_dparams: bool
-) -> tuple[Array, ...]:
-    """dx of layer norm for the rows dy (rows, C), and dy * xhat (for dweight) if asked."""
+    dy: Array, xhat: Array, rstd: Array, dx: Array, weight: Array
+) -> None:
+    """dx of layer norm for rows dy (rows, C), written into dx."""
     xp = xp_of(dy)
-    dx = dy * weight  # dxhat, turned into dx in place
+    xp.multiply(dy, weight, out=dx)  # dxhat, turned into dx in place
     mean_dxhat = dx.mean(axis=-1, keepdims=True)
     term = dx * xhat
     xp.multiply(xhat, term.mean(axis=-1, keepdims=True), out=term)  # xhat mean(dxhat xhat)
     dx -= term
     dx -= mean_dxhat
     dx *= rstd
-    if not need_dparams:
-        return (dx,)
-    xp.multiply(dy, xhat, out=term)
-    return dx, term
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -187,34 +189,38 @@ def gelu_forward(x: Array) -> tuple[Array, tuple]:
     The argument is computed as c x (1 + 0.044715 x^2), in place: four passes over
     memory instead of ten (and x*x, never x**3: pow is 100x slower).
     """
-    y, t = by_rows(_gelu_rows, x)  # row blocks, all cores (basics/parallel.py)
+    xp = xp_of(x)
+    y, t = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
+    by_rows(_gelu_rows, (x, y, t))  # row blocks, all cores (basics/parallel.py)
     return y, (x, t)
 
 
-def _gelu_rows(x: Array) -> tuple[Array, Array]:
-    """GELU of a block of rows: returns y and t = tanh(...), which the backward reuses."""
+def _gelu_rows(x: Array, y: Array, t: Array) -> None:
+    """GELU of rows x into y, and t = tanh(...), which the backward reuses."""
     xp = xp_of(x)
-    inner = x * x
+    inner = xp.multiply(x, x, out=t)  # t holds the argument until tanh replaces it
     inner *= _GELU_A * _GELU_C
     inner += _GELU_C
     inner *= x  # c (x + 0.044715 x^3)
-    t = xp.tanh(inner, out=inner)
-    y = t + 1.0
+    xp.tanh(inner, out=t)
+    xp.add(t, 1.0, out=y)
     y *= x
     y *= 0.5
-    return y, t
 
 
 def gelu_backward(dy: Array, cache: tuple) -> Array:
     """dx = dy * [0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)], t cached."""
     x, t = cache
-    return by_rows(_gelu_backward_rows, (dy, x, t))  # row blocks, all cores
-
-
-def _gelu_backward_rows(dy: Array, x: Array, t: Array) -> Array:
-    """dx of GELU for a block of rows (the formula above)."""
     xp = xp_of(dy)
-    local = x * x
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_gelu_backward_rows, (dy, x, t, dx))  # row blocks, all cores
+    return dx
+
+
+def _gelu_backward_rows(dy: Array, x: Array, t: Array, dx: Array) -> None:
+    """dx of GELU for rows (the formula above), written into dx."""
+    xp = xp_of(dy)
+    local = xp.multiply(x, x, out=dx)  # the local derivative, times dy at the end
     local *= 3 * _GELU_A * _GELU_C
     local += _GELU_C
     local *= x  # x c (1 + 3 a x^2)
@@ -225,37 +231,40 @@ def _gelu_backward_rows(dy: Array, x: Array, t: Array) -> Array:
     local += 1.0
     local *= 0.5
     local *= dy
-    return local
 
 
 # -------------------------------------------------------------------------- softmax
 def softmax_forward(x: Array) -> tuple[Array, Array]:
     """y = exp(x - max) / sum exp(x - max) over the last axis (shifting by the max
     changes nothing mathematically and keeps exp from overflowing). Cache: y."""
-    y = by_rows(_softmax_rows, x)  # row blocks, all cores (basics/parallel.py)
+    xp = xp_of(x)
+    y = xp.empty(x.shape, x.dtype)
+    by_rows(_softmax_rows, (x, y))  # row blocks, all cores (basics/parallel.py)
     return y, y
 
 
-def _softmax_rows(x: Array) -> Array:
-    """Softmax of a block of rows x (rows, n) over each row."""
+def _softmax_rows(x: Array, y: Array) -> None:
+    """Softmax of rows x (rows, n) over each row, into y."""
     xp = xp_of(x)
-    y = x - x.max(axis=-1, keepdims=True)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=y)
     xp.exp(y, out=y)  # in place: one array for the whole softmax
     y /= y.sum(axis=-1, keepdims=True)
-    return y
 
 
 def softmax_backward(dy: Array, y: Array) -> Array:
     """dx = y * (dy - sum(dy * y)) over the last axis: the softmax Jacobian
     diag(y) - y y^T applied to dy without forming it."""
-    return by_rows(_softmax_backward_rows, (dy, y))  # row blocks, all cores
-
-
-def _softmax_backward_rows(dy: Array, y: Array) -> Array:
-    """dx of softmax for a block of rows."""
-    dx = dy * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
+    xp = xp_of(dy)
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_softmax_backward_rows, (dy, y, dx))  # row blocks, all cores
     return dx
+
+
+def _softmax_backward_rows(dy: Array, y: Array, dx: Array) -> None:
+    """dx of softmax for rows, written into dx."""
+    xp = xp_of(dy)
+    xp.multiply(dy, y, out=dx)
+    dx -= y * dx.sum(axis=-1, keepdims=True)
 
 
 # --------------------------------------------------------------- causal attention
