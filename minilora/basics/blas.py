@@ -100,6 +100,10 @@ def limited_threads(n: int | None) -> Iterator[None]:
         yield
 
 
+DECISIVE = 1.25
+"""A first round in which one count is this many times slower than the other decides."""
+
+
 def choose_threads(
     run_once: Callable[[], Any],
     candidates: tuple[int, ...] | None = None,
@@ -109,24 +113,33 @@ def choose_threads(
     """Time ``run_once`` under each thread count and return the fastest.
 
     ``run_once`` must leave no trace (the trainer passes a forward and backward whose
-    gradients it throws away). One warm-up call, then the candidates alternate
-    ``repeats`` times so that a slow spell of the machine hits all of them; each
-    candidate's best time counts. Returns {"threads", "seconds": {n: best}}.
+    gradients it throws away). The candidates run in increasing order, so the first,
+    one thread, is also the warm-up (first-touch page faults, BLAS buffers): a cold
+    time can only overstate it. When the first round is decisive (the slowest is
+    :data:`DECISIVE` times the fastest) it is the answer; else the candidates
+    alternate up to ``repeats`` rounds, each counting its best time. Every call is a
+    full forward and backward, and on a busy core a many-thread one costs two or three
+    single-thread ones: the measurement used to be a warm-up plus two full rounds, and
+    that alone made ``auto`` cost 1.1 to 1.3 times ``--threads 1`` on a 60-step
+    finetune (issue 21). Returns {"threads", "seconds": {n: best}, "rounds"}.
     """
     cores = usable_cores()
-    candidates = candidates or tuple(sorted({1, cores}))
+    candidates = tuple(sorted(set(candidates or {1, cores})))
     if current_threads() is None or len(candidates) == 1:
         return {"threads": None, "seconds": {}, "reason": "no BLAS to control, or one core"}
-    run_once()  # warm-up: first-touch page faults, BLAS buffers
     best: dict[int, float] = {}
-    for _ in range(repeats):
+    rounds = 0
+    while rounds < max(1, repeats):
+        rounds += 1
         for n in candidates:
             with limited_threads(n):
                 start = clock()
                 run_once()
                 elapsed = clock() - start
             best[n] = min(best.get(n, elapsed), elapsed)
-    return {"threads": min(best, key=best.get), "seconds": best}
+        if max(best.values()) >= DECISIVE * min(best.values()):
+            break
+    return {"threads": min(best, key=best.get), "seconds": best, "rounds": rounds}
 
 
 def describe(threads: int | None, choice: dict[str, Any] | None = None, device: str = "cpu") -> str:
