@@ -190,3 +190,16 @@ def test_blas_limited_threads_sets_the_element_threads_too():
     with pytest.raises(ValueError, match="threads=0"):
         with parallel.limited_element_threads(0):
             pass
+
+
+def test_without_a_limit_the_count_is_the_blas_default(monkeypatch):
+    """OPENBLAS_NUM_THREADS=1 (how the bench measures one thread) holds for both kinds."""
+    for name in parallel.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.element_threads() == parallel.usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert parallel.element_threads() == 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "999")  # read first, capped at the cores
+    assert parallel.element_threads() == parallel.usable_cores()
+    with parallel.limited_element_threads(1):
+        assert parallel.element_threads() == 1

@@ -57,14 +57,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-_threads: int | None = None  # None: every usable core (as a BLAS library's own default)
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Where a BLAS library reads its default thread count, first found first."""
+
+
+def default_threads() -> int:
+    """The count without a limit: the BLAS library's own default, so that both kinds of
+    work agree. OpenBLAS and MKL read it from the environment (``OPENBLAS_NUM_THREADS=1
+    minilora bench`` measures one thread), else use every core; capped at the cores."""
+    for name in THREAD_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), usable_cores())
+    return usable_cores()
+
+
+_threads: int | None = None  # None: default_threads()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
 def element_threads() -> int:
     """The threads :func:`by_rows` uses now (set with :func:`limited_element_threads`)."""
-    return _threads if _threads is not None else usable_cores()
+    return _threads if _threads is not None else default_threads()
 
 
 @contextlib.contextmanager
