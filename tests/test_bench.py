@@ -242,14 +242,17 @@ def test_results_of_each_kernel_get_their_own_file(tmp_path, monkeypatch, capsys
     assert machine.results_filename(cpu) == "results-cpu-skylakex.json"
     assert machine.results_filename({"device": "cpu", "blas": {}}) == "results-cpu.json"
     assert machine.results_filename({"device": "gpu", "blas": {}}) == "results-gpu.json"
+    one = {"device": "cpu", "blas": {"kernel": "Haswell", "threads": 1}}
+    ones = (
+        "results-cpu-haswell-1thread.json"
+        if machine.usable_cores() > 1
+        else "results-cpu-haswell.json"
+    )
+    assert machine.results_filename(one) == ones
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # recorded, not applied (too late)
     assert main(["bench", "--quick", "--no-torch", "--json", str(tmp_path)]) == 0
-    kernel = bench.blas_info()["kernel"]
-    written = json.loads(
-        (
-            tmp_path / machine.results_filename({"device": "cpu", "blas": {"kernel": kernel}})
-        ).read_text()
-    )
+    name = machine.results_filename({"device": "cpu", "blas": bench.blas_info()})
+    written = json.loads((tmp_path / name).read_text())
     assert written["meta"]["environment"] == {"OPENBLAS_CORETYPE": "Sandybridge"}
     assert "environment: OPENBLAS_CORETYPE=Sandybridge" in capsys.readouterr().out
 

@@ -101,10 +101,19 @@ THREAD_ENV = (
 def results_filename(meta: dict[str, Any]) -> str:
     """A results file's name that says where the numbers came from, so that the runs of
     several machines and kernels sit side by side in benchmarks/ instead of replacing
-    each other: results-cpu-haswell.json, results-cpu-sandybridge.json, results-gpu.json."""
-    kernel = meta["blas"].get("kernel") if meta["device"] == "cpu" else None
-    tag = "".join(c if c.isalnum() else "-" for c in str(kernel).lower()) if kernel else ""
-    return f"results-{meta['device']}{'-' + tag if tag else ''}.json"
+    each other: results-cpu-haswell.json, results-cpu-sandybridge-1thread.json (fewer
+    BLAS threads than cores), results-gpu.json."""
+    if meta["device"] != "cpu":
+        return f"results-{meta['device']}.json"
+    blas = meta["blas"]
+    kernel = blas.get("kernel")
+    name = "results-cpu"
+    if kernel:
+        name += "-" + "".join(c if c.isalnum() else "-" for c in str(kernel).lower())
+    threads = blas.get("threads")
+    if threads and threads < usable_cores():
+        name += f"-{threads}thread{'s' * (threads != 1)}"
+    return name + ".json"
 
 
 def load_average() -> list[float] | None:
