@@ -230,7 +230,8 @@ def test_the_results_say_on_what_they_ran(quick):
         assert f"kernel {meta['blas']['kernel']}" in header
     assert "load average" in header
     assert meta["element_threads"] >= 1  # the element-wise work's threads (basics/parallel.py)
-    assert f"element-wise work on {meta['element_threads']} threads" in header
+    n = meta["element_threads"]
+    assert f"element-wise work on {n} thread{'s' * (n != 1)}" in header
 
 
 def test_results_of_each_kernel_get_their_own_file(tmp_path, monkeypatch, capsys):

@@ -200,7 +200,8 @@ def format_results(results: dict[str, Any]) -> str:
         f"CPU {machine.get('cpu_model', machine['processor'])}",
         f"{lib}, BLAS {blas['library']}{kernel}, {threads} ({blas['source']})"
         + (
-            f"; element-wise work on {meta['element_threads']} threads"
+            f"; element-wise work on {meta['element_threads']} "
+            f"thread{'s' * (meta['element_threads'] != 1)}"
             if meta.get("element_threads")
             else ""
         ),
