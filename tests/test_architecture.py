@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "minilora"
 
 SUBPACKAGES = {
-    "basics": ["version", "checks", "backend", "blas"],
+    "basics": ["version", "checks", "backend", "parallel", "blas"],
     "core": [
         "layers",
         "dora",

@@ -229,6 +229,33 @@ def test_the_results_say_on_what_they_ran(quick):
     if meta["blas"]["kernel"]:
         assert f"kernel {meta['blas']['kernel']}" in header
     assert "load average" in header
+    assert meta["element_threads"] >= 1  # the element-wise work's threads (basics/parallel.py)
+    n = meta["element_threads"]
+    assert f"element-wise work on {n} thread{'s' * (n != 1)}" in header
+
+
+def test_results_of_each_kernel_get_their_own_file(tmp_path, monkeypatch, capsys):
+    """Issue 21: results of several machines and kernels sit side by side in benchmarks/."""
+    from minilora.cli.main import main
+    from minilora.lab import machine
+
+    cpu = {"device": "cpu", "blas": {"kernel": "SkylakeX"}}
+    assert machine.results_filename(cpu) == "results-cpu-skylakex.json"
+    assert machine.results_filename({"device": "cpu", "blas": {}}) == "results-cpu.json"
+    assert machine.results_filename({"device": "gpu", "blas": {}}) == "results-gpu.json"
+    one = {"device": "cpu", "blas": {"kernel": "Haswell", "threads": 1}}
+    ones = (
+        "results-cpu-haswell-1thread.json"
+        if machine.usable_cores() > 1
+        else "results-cpu-haswell.json"
+    )
+    assert machine.results_filename(one) == ones
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # recorded, not applied (too late)
+    assert main(["bench", "--quick", "--no-torch", "--json", str(tmp_path)]) == 0
+    name = machine.results_filename({"device": "cpu", "blas": bench.blas_info()})
+    written = json.loads((tmp_path / name).read_text())
+    assert written["meta"]["environment"] == {"OPENBLAS_CORETYPE": "Sandybridge"}
+    assert "environment: OPENBLAS_CORETYPE=Sandybridge" in capsys.readouterr().out
 
 
 def _measured(name: str) -> dict:

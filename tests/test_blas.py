@@ -36,6 +36,62 @@ def test_choose_threads_keeps_the_fastest_count():
     assert "took 1: 1000 ms, 2: 3000 ms" in blas.describe(1, choice)
 
 
+def test_a_decisive_first_round_ends_the_measurement():
+    """Issue 21: on a busy core every many-thread call costs two or three one-thread
+    calls, and the old measurement (a warm-up, then two full rounds: 5 calls) alone
+    made --threads auto cost more than --threads 1. Now: one thread first (it is the
+    warm-up), and a second round only when the first is close."""
+    for cost, calls_expected in (({1: 1.0, 2: 2.5}, [1, 2]), ({1: 1.0, 2: 0.9}, [1, 2, 1, 2])):
+        now, calls = [0.0], []
+
+        def run_once(cost=cost, now=now, calls=calls):
+            calls.append(blas.current_threads())
+            now[0] += cost[blas.current_threads()]
+
+        choice = blas.choose_threads(run_once, candidates=(2, 1), clock=lambda now=now: now[0])
+        assert calls == calls_expected
+        assert choice["threads"] == min(cost, key=cost.get)
+        assert choice["rounds"] == len(calls_expected) // 2
+
+
+@pytest.mark.skipif(blas.usable_cores() < 2, reason="one core: the default is one thread")
+@pytest.mark.parametrize("threads", [1, "auto"])
+def test_a_validation_before_the_first_step_runs_under_the_runs_count(monkeypatch, threads):
+    """Issue 21: ``minilora finetune`` validates before training; that validation ran
+    with the library's default (all cores), outside the run's limit, even with
+    --threads 1. Now the run's count (measured first, once, for auto) covers it."""
+    from minilora.basics import parallel
+    from minilora.training import train
+
+    seen, measured = [], []
+    real_evaluate, real_choose = train.evaluate, train.choose_threads
+
+    def spy_evaluate(model, batch):
+        seen.append((blas.current_threads(), parallel.element_threads()))
+        return real_evaluate(model, batch)
+
+    def slow_many_threads(run_once, **kwargs):  # as on a busy core: 1 thread wins
+        measured.append(1)
+        now = [0.0]
+
+        def clock():  # a call takes n^3 seconds with n threads
+            now[0] += blas.current_threads() ** 3
+            return now[0]
+
+        return real_choose(run_once, clock=clock)
+
+    monkeypatch.setattr(train, "evaluate", spy_evaluate)
+    monkeypatch.setattr(train, "choose_threads", slow_many_threads)
+    cfg = TrainConfig(steps=2, batch_size=4, block_size=24, eval_every=0, eval_size=8)
+    gpt = ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)
+    trainer = Trainer(ml.GPT(gpt), ShiftTask(), cfg, None, False, threads=threads)
+    with blas.limited_threads(2):  # the library's default on a 2-core machine
+        trainer.validate()
+        trainer.run()
+    assert seen == [(1, 1), (1, 1)]  # before the first step, and at the end
+    assert measured == ([1] if threads == "auto" else [])  # measured once, before validating
+
+
 def test_a_run_records_its_thread_count_and_resume_reuses_it(tmp_path):
     cfg = TrainConfig(steps=4, batch_size=4, block_size=24, eval_every=0, eval_size=8)
     gpt = ml.GPTConfig(vocab_size=96, block_size=24, n_layer=1, n_head=2, d_model=16)

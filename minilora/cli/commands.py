@@ -10,6 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+from minilora.basics.backend import get_backend
 from minilora.basics.blas import describe as describe_threads
 from minilora.basics.checks import one_of, positive_int, positive_real
 from minilora.cli.demo import check_demo, holds_only_demo_output, run_demo
@@ -27,6 +28,7 @@ from minilora.files.io import check_writable_file, save_json, sha256_file
 from minilora.lab.bench import run_benchmark
 from minilora.lab.bench_report import format_results
 from minilora.lab.gradcheck_report import full_report
+from minilora.lab.machine import blas_info, results_filename
 from minilora.training.data import get_task
 from minilora.training.planted import PlantedRankTask
 from minilora.training.runfolder import RunFolder
@@ -450,8 +452,14 @@ def figures_command(args: Namespace) -> int:
 
 def bench_command(args: Namespace) -> int:
     """``minilora bench``: measure, print the table, write --json if asked."""
+    json_path = None
     if args.json:  # before minutes of measuring: a path that cannot be written fails now
-        check_writable_file(args.json)
+        json_path = Path(args.json)
+        if json_path.is_dir():  # a folder: a file named for this machine's kernel, beside others
+            backend = get_backend(args.device)
+            meta = {"device": backend.device, "blas": blas_info(backend)}
+            json_path = json_path / results_filename(meta)
+        check_writable_file(json_path)
     given = [f"--{name} {getattr(args, name)}" for name in ("steps", "warmup")]
     given = [flag for flag in given if not flag.endswith(" None")]
     if args.quick and given:
@@ -474,9 +482,9 @@ def bench_command(args: Namespace) -> int:
         log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True),
     )
     print(format_results(results))
-    if args.json:
-        save_json(args.json, results)
-        print(f"results written to {args.json}")
+    if json_path is not None:
+        save_json(json_path, results)
+        print(f"results written to {json_path}")
     return 0
 
 

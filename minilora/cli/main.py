@@ -322,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
     p.add_argument(
-        "--json", default=None, metavar="PATH", help="also write the results (default: print only)"
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results to PATH; a folder: to results-<device>-<kernel>.json in it, "
+        "beside other machines' (default: print only)",
     )
     p.add_argument(
         "--busy", action="store_true", help="measure while a helper process keeps a core busy"

@@ -17,6 +17,12 @@ hs head size (C / H), V vocabulary, N "any leading dimensions".
 
 Array code uses ``xp = xp_of(x)``, the namespace (NumPy or CuPy) of its input, so the
 same lines run on both backends.
+
+The row-wise ops (layer norm, GELU, softmax) allocate their outputs and write into
+them in a private ``_..._rows`` function, called through ``by_rows``
+(basics/parallel.py): on the CPU a large array is cut into cache-sized blocks of rows
+that run on all cores. No row's arithmetic changes, so the result is bit for bit that
+of one call on the whole array. Read the ``_rows`` function as the op.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 from typing import Any, NamedTuple
 
 from minilora.basics.backend import scatter_add, to_host, xp_of
+from minilora.basics.parallel import by_rows
 
 Array = Any  # a NumPy or CuPy ndarray
 
@@ -116,14 +123,24 @@ def layer_norm_forward(
     var is the biased (1/C) variance, as in PyTorch. x (N..., C), weight, bias (C,).
     """
     xp = xp_of(x)
-    C = x.shape[-1]
-    xhat = x - x.mean(axis=-1, keepdims=True)  # centred here, normalised in place below
-    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # no (N, C) temporary
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= rstd
-    y = xhat * weight
-    y += bias
+    y, xhat = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
+    rstd = xp.empty((*x.shape[:-1], 1), x.dtype)
+    by_rows(_layer_norm_rows, (x, y, xhat, rstd), weight, bias, eps)  # row blocks, all cores
     return y, LayerNormCache(xhat, rstd, weight)
+
+
+def _layer_norm_rows(
+    x: Array, y: Array, xhat: Array, rstd: Array, weight: Array, bias: Array, eps: float
+) -> None:
+    """Layer norm of rows x (rows, C) into y and xhat (rows, C), and rstd (rows, 1)."""
+    xp = xp_of(x)
+    C = x.shape[-1]
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # centred; normalised below
+    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C  # no (N, C) temporary
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+    xhat *= rstd
+    xp.multiply(xhat, weight, out=y)
+    y += bias
 
 
 def layer_norm_backward(
@@ -137,20 +154,28 @@ def layer_norm_backward(
     """
     xhat, rstd, weight = cache
     xp = xp_of(dy)
-    dx = dy * weight  # dxhat, turned into dx in place
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_layer_norm_backward_rows, (dy, xhat, rstd, dx), weight)  # row blocks, all cores
+    if not need_dparams:
+        return dx, None, None
+    C = dy.shape[-1]  # sums over rows: whole, as blocks would reorder their additions
+    dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
+    dbias = dy.reshape(-1, C).sum(axis=0)
+    return dx, dweight, dbias
+
+
+def _layer_norm_backward_rows(
+    dy: Array, xhat: Array, rstd: Array, dx: Array, weight: Array
+) -> None:
+    """dx of layer norm for rows dy (rows, C), written into dx."""
+    xp = xp_of(dy)
+    xp.multiply(dy, weight, out=dx)  # dxhat, turned into dx in place
     mean_dxhat = dx.mean(axis=-1, keepdims=True)
     term = dx * xhat
     xp.multiply(xhat, term.mean(axis=-1, keepdims=True), out=term)  # xhat mean(dxhat xhat)
     dx -= term
     dx -= mean_dxhat
     dx *= rstd
-    if not need_dparams:
-        return dx, None, None
-    C = dy.shape[-1]
-    xp.multiply(dy, xhat, out=term)
-    dweight = term.reshape(-1, C).sum(axis=0)
-    dbias = dy.reshape(-1, C).sum(axis=0)
-    return dx, dweight, dbias
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -165,22 +190,37 @@ def gelu_forward(x: Array) -> tuple[Array, tuple]:
     memory instead of ten (and x*x, never x**3: pow is 100x slower).
     """
     xp = xp_of(x)
-    inner = x * x
+    y, t = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
+    by_rows(_gelu_rows, (x, y, t))  # row blocks, all cores (basics/parallel.py)
+    return y, (x, t)
+
+
+def _gelu_rows(x: Array, y: Array, t: Array) -> None:
+    """GELU of rows x into y, and t = tanh(...), which the backward reuses."""
+    xp = xp_of(x)
+    inner = xp.multiply(x, x, out=t)  # t holds the argument until tanh replaces it
     inner *= _GELU_A * _GELU_C
     inner += _GELU_C
     inner *= x  # c (x + 0.044715 x^3)
-    t = xp.tanh(inner, out=inner)
-    y = t + 1.0
+    xp.tanh(inner, out=t)
+    xp.add(t, 1.0, out=y)
     y *= x
     y *= 0.5
-    return y, (x, t)
 
 
 def gelu_backward(dy: Array, cache: tuple) -> Array:
     """dx = dy * [0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)], t cached."""
     x, t = cache
     xp = xp_of(dy)
-    local = x * x
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_gelu_backward_rows, (dy, x, t, dx))  # row blocks, all cores
+    return dx
+
+
+def _gelu_backward_rows(dy: Array, x: Array, t: Array, dx: Array) -> None:
+    """dx of GELU for rows (the formula above), written into dx."""
+    xp = xp_of(dy)
+    local = xp.multiply(x, x, out=dx)  # the local derivative, times dy at the end
     local *= 3 * _GELU_A * _GELU_C
     local += _GELU_C
     local *= x  # x c (1 + 3 a x^2)
@@ -191,7 +231,6 @@ def gelu_backward(dy: Array, cache: tuple) -> Array:
     local += 1.0
     local *= 0.5
     local *= dy
-    return local
 
 
 # -------------------------------------------------------------------------- softmax
@@ -199,18 +238,33 @@ def softmax_forward(x: Array) -> tuple[Array, Array]:
     """y = exp(x - max) / sum exp(x - max) over the last axis (shifting by the max
     changes nothing mathematically and keeps exp from overflowing). Cache: y."""
     xp = xp_of(x)
-    y = x - x.max(axis=-1, keepdims=True)
+    y = xp.empty(x.shape, x.dtype)
+    by_rows(_softmax_rows, (x, y))  # row blocks, all cores (basics/parallel.py)
+    return y, y
+
+
+def _softmax_rows(x: Array, y: Array) -> None:
+    """Softmax of rows x (rows, n) over each row, into y."""
+    xp = xp_of(x)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=y)
     xp.exp(y, out=y)  # in place: one array for the whole softmax
     y /= y.sum(axis=-1, keepdims=True)
-    return y, y
 
 
 def softmax_backward(dy: Array, y: Array) -> Array:
     """dx = y * (dy - sum(dy * y)) over the last axis: the softmax Jacobian
     diag(y) - y y^T applied to dy without forming it."""
-    dx = dy * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
+    xp = xp_of(dy)
+    dx = xp.empty(dy.shape, dy.dtype)
+    by_rows(_softmax_backward_rows, (dy, y, dx))  # row blocks, all cores
     return dx
+
+
+def _softmax_backward_rows(dy: Array, y: Array, dx: Array) -> None:
+    """dx of softmax for rows, written into dx."""
+    xp = xp_of(dy)
+    xp.multiply(dy, y, out=dx)
+    dx -= y * dx.sum(axis=-1, keepdims=True)
 
 
 # --------------------------------------------------------------- causal attention

@@ -19,6 +19,7 @@ import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
 from minilora.basics.checks import in_range, non_negative_int, positive_real
+from minilora.basics.parallel import by_rows
 from minilora.core.model import GPT, require_gpt
 
 
@@ -237,29 +238,46 @@ class AdamW(Optimizer):
     def step(self) -> None:
         self._drop_stale()
         self.t += 1
-        xp = self.model.xp
         correction1 = 1.0 - self.b1**self.t
         correction2 = 1.0 - self.b2**self.t
         for name, g in self.model.grads.items():
             p = self.model.params[name]
             lr = self.lr_of(name)
             slots = self._slots(name, p)
-            m, v = slots["m"], slots["v"]
             buf = self._scratch_for(name, p)  # instead of a temporary per operation
-            m *= self.b1
-            m += xp.multiply(g, 1.0 - self.b1, out=buf)
-            v *= self.b2
-            xp.multiply(g, g, out=buf)
-            buf *= 1.0 - self.b2
-            v += buf
-            if self._decays(name):
-                p -= lr * self.weight_decay * p
-            xp.sqrt(v, out=buf)  # the step m_hat / (sqrt(v_hat) + eps), as torch writes it:
-            buf *= 1.0 / math.sqrt(correction2)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
-            buf += self.eps
-            xp.divide(m, buf, out=buf)
-            buf *= lr / correction1
-            p -= buf
+            arrays = (p, g, slots["m"], slots["v"], buf)  # updated in place, rows on all cores:
+            by_rows(self._update, arrays, lr, self._decays(name), correction1, correction2)
+
+    def _update(
+        self,
+        p: Any,
+        g: Any,
+        m: Any,
+        v: Any,
+        buf: Any,
+        lr: float,
+        decays: bool,
+        c1: float,
+        c2: float,
+    ) -> None:
+        """One AdamW update of rows of p (and of their m, v), in place, at rate lr (LoRA+
+        gives B its own); c1 = 1 - b1^t, c2 = 1 - b2^t. Every element's arithmetic is its
+        own: rows in any blocks agree."""
+        xp = self.model.xp
+        m *= self.b1
+        m += xp.multiply(g, 1.0 - self.b1, out=buf)
+        v *= self.b2
+        xp.multiply(g, g, out=buf)
+        buf *= 1.0 - self.b2
+        v += buf
+        if decays:
+            p -= lr * self.weight_decay * p
+        xp.sqrt(v, out=buf)  # the step m_hat / (sqrt(v_hat) + eps), as torch writes it:
+        buf *= 1.0 / math.sqrt(c2)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t)
+        buf += self.eps
+        xp.divide(m, buf, out=buf)
+        buf *= lr / c1
+        p -= buf
 
 
 ADAMW_DEFAULTS: dict[str, Any] = {

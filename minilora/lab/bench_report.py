@@ -198,7 +198,18 @@ def format_results(results: dict[str, Any]) -> str:
         f"minilora bench  {meta['date']}  device {meta['device']}, "
         f"{machine['usable_cores']} of {machine['cpu_count']} cores usable",
         f"CPU {machine.get('cpu_model', machine['processor'])}",
-        f"{lib}, BLAS {blas['library']}{kernel}, {threads} ({blas['source']})",
+        f"{lib}, BLAS {blas['library']}{kernel}, {threads} ({blas['source']})"
+        + (
+            f"; element-wise work on {meta['element_threads']} "
+            f"thread{'s' * (meta['element_threads'] != 1)}"
+            if meta.get("element_threads")
+            else ""
+        ),
+        *(
+            [f"environment: {' '.join(f'{k}={v}' for k, v in meta['environment'].items())}"]
+            if meta.get("environment")
+            else []
+        ),
         f"PyTorch {meta['torch'] or 'not installed'}, Python {meta['python']}",
         f"{s['dtype']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']:g} on "
         f"{','.join(s['lora']['target_modules'])}, {s['optimizer']}",

@@ -1,4 +1,11 @@
-"""What a number needs to be read with: the machine, its BLAS, its load, its matmul rate."""
+"""What a number needs to be read with: the machine, its BLAS, its load, its matmul rate.
+
+The same code runs at different speeds on different CPUs (issue 21: minilora/PyTorch
+1.1 on one 2-core machine, 1.8 on another), so every result names the CPU model, the
+kernel OpenBLAS chose for it (its ``architecture``: Haswell, SkylakeX, ...), the cores,
+the threads of both kinds of work, the environment variables that change them
+(``OPENBLAS_CORETYPE`` picks the kernel), and the load while it ran.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import numpy as np
 from minilora.basics.backend import Backend, get_backend, host_rng
 from minilora.basics.blas import blas_libraries, usable_cores
 from minilora.basics.checks import positive_int
+from minilora.basics.parallel import element_threads
 from minilora.lab.timing import time_alternately
 from minilora.lab.torch_reference import torch_available
 
@@ -73,8 +81,39 @@ def environment(backend: Backend) -> dict[str, Any]:
         "cupy": backend.xp.__version__ if backend.device == "gpu" else None,
         "torch": torch_version if ok else None,
         "blas": blas_info(backend),
+        "element_threads": None if backend.device == "gpu" else element_threads(),
+        "environment": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "load_average": load_average(),
     }
+
+
+THREAD_ENV = (
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_THREAD_TIMEOUT",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+)
+"""Environment variables that change the BLAS's kernel or threads: recorded when set."""
+
+
+def results_filename(meta: dict[str, Any]) -> str:
+    """A results file's name that says where the numbers came from, so that the runs of
+    several machines and kernels sit side by side in benchmarks/ instead of replacing
+    each other: results-cpu-haswell.json, results-cpu-sandybridge-1thread.json (fewer
+    BLAS threads than cores), results-gpu.json."""
+    if meta["device"] != "cpu":
+        return f"results-{meta['device']}.json"
+    blas = meta["blas"]
+    kernel = blas.get("kernel")
+    name = "results-cpu"
+    if kernel:
+        name += "-" + "".join(c if c.isalnum() else "-" for c in str(kernel).lower())
+    threads = blas.get("threads")
+    if threads and threads < usable_cores():
+        name += f"-{threads}thread{'s' * (threads != 1)}"
+    return name + ".json"
 
 
 def load_average() -> list[float] | None:

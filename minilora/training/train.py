@@ -365,8 +365,15 @@ class Trainer:
             ) from None
 
     def validate(self) -> dict[str, float]:
-        """Evaluate on the fixed validation batch and log it as val_* at this step."""
-        metrics = self._checked(lambda: evaluate(self.model, self.eval_batch))
+        """Evaluate on the fixed validation batch and log it as val_* at this step.
+
+        Under the run's thread count, measured first if it is ``auto``: a validation
+        before the first step (``minilora finetune`` logs one) used to run with the
+        library's default, all cores, even with ``--threads 1`` (issue 21)."""
+        if self.threads_request == "auto" and "blas_threads" not in self.settings:
+            self._measure_threads()
+        with limited_threads(self.blas_threads):
+            metrics = self._checked(lambda: evaluate(self.model, self.eval_batch))
         self.last_validation = metrics
         self._log({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
