@@ -4,8 +4,8 @@
 ``quick``) plus a few measurements the library already makes (params.py, merge), and
 :func:`claims` turns the results into one record per claim: the claim in the paper's
 words, the paper's number, ours, a verdict (reproduced / partly / not) and why.
-:func:`write_report` writes them as claims.json (with the raw results, which the
-figure is drawn from) and claims.md.
+:func:`write_report` writes them as figures/claims.json (with the raw results, which the
+figure is drawn from) and figures/claims.md.
 
 The verdicts' thresholds are stated next to each claim; ``TOLERANCE`` is how far a
 rerun's numbers may move before tests/test_claims.py calls a finding broken.
@@ -291,7 +291,7 @@ def report_paths(out_dir: str | Path, quick: bool) -> list[Path]:
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """claims.json (claims + raw results), claims.md and the figure in ``out_dir``."""
+    """The report in ``out_dir`` (report_paths: claims JSON with the raw results, md, png)."""
     json_path, md_path, png_path = report_paths(out_dir, results["mode"] == "quick")
     # as JSON will hold them (tuples as lists, keys as strings), so that the claims
     # recomputed from the file are the claims written
