@@ -46,6 +46,9 @@ SUBPACKAGES = {
         "experiments",
         "plots",
         "figures",
+        "claims",
+        "claim_plots",
+        "claims_report",
         "exercises.grader",  # lab/exercises/, a package inside the lab: its modules,
         "exercises.one_layer",  # then its __init__, all before the lab's own __init__
         "exercises.whole_model",

@@ -75,6 +75,11 @@ HOST_BOUNDARY = {
     "training/train.py::evaluate": "joins host copies of the predictions for accuracy",
     "files/checkpoints.py::_check_update_fits": "bounds ΔW from an adapter file's host arrays",
     "training/planted.py::PlantedRankTask.__init__": "the planted change is made on the host",
+    "training/planted.py::principal_cosines": "SVDs of host float64 copies of ΔW",
+    "training/train.py::kl_divergence": "the KL of host copies, in float64 for precision",
+    "lab/claims.py": "records for the claims report: host values after to_host",
+    "lab/claims_report.py": "the claims report: host values after to_host",
+    "lab/claim_plots.py": "plots of host values",
 }
 """Modules ("files/io.py") or functions ("core/model.py::GPT.generate") at the host boundary."""
 

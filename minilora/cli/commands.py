@@ -450,6 +450,22 @@ def figures_command(args: Namespace) -> int:
     return 0
 
 
+def reproduce_command(args: Namespace) -> int:
+    """``minilora reproduce``: run the claims, write claims(.md, .json) and the figure."""
+    from minilora.lab.claims_report import report_paths, reproduce, write_report
+
+    out = args.out or ("runs/claims-quick" if args.quick else "figures")
+    for path in report_paths(out, args.quick):  # before minutes of training
+        check_writable_file(path)
+    if args.device is not None:  # the sweep's worker processes read it from the environment
+        os.environ["MINILORA_DEVICE"] = args.device
+    start = time.perf_counter()
+    for path in write_report(reproduce(quick=args.quick), out):
+        print(path)
+    print(f"reproduce took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def bench_command(args: Namespace) -> int:
     """``minilora bench``: measure, print the table, write --json if asked."""
     json_path = None
@@ -507,4 +523,5 @@ COMMANDS = {
     "gradcheck": gradcheck_command,
     "bench": bench_command,
     "figures": figures_command,
+    "reproduce": reproduce_command,
 }

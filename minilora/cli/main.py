@@ -337,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "reproduce",
+        help="run the LoRA paper's claims at toy scale; write a claims report",
+        formatter_class=_formatter,
+        epilog="examples:\n"
+        "  minilora reproduce                # the full run, about 10 minutes on 2 cores\n"
+        "  minilora reproduce --quick --out /tmp/claims",
+    )
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="fewer ranks, seeds and steps")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default figures; with --quick runs/claims-quick, so that a "
+        "quick run never replaces the committed report)",
+    )
+
+    p = sub.add_parser(
         "figures",
         help="regenerate every figure of figures/ and the data it was drawn from",
         formatter_class=_formatter,

@@ -406,3 +406,30 @@ def cross_entropy_backward(dloss: float, cache: tuple) -> Array:
     dlogits[xp.arange(probs.shape[0]), safe_t] -= 1.0
     dlogits *= (counted * (dloss / n))[:, None].astype(probs.dtype)
     return dlogits.reshape(shape)
+
+
+# --------------------------------------------------- cross-entropy on soft targets
+def soft_cross_entropy_forward(logits: Array, probs: Array) -> tuple[float, tuple]:
+    """Mean over positions of -sum_v p_v log softmax(logits)_v: cross-entropy on soft targets.
+
+    logits (N..., V) float, probs (N..., V) a probability distribution over V at each
+    position (e.g. a teacher's softmax). The mean over positions is the cross-entropy
+    H(p, q) with q = softmax(logits); it differs from KL(p || q) = H(p, q) - H(p) only by
+    the targets' entropy H(p), which does not depend on the logits: the same gradient.
+    Returns the loss as a Python float and the cache (q, p, N, shape).
+    """
+    xp = xp_of(logits)
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    p = probs.reshape(-1, V).astype(z.dtype)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_q = z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))  # log-softmax, no overflow
+    total = float(to_host(-(p * log_q).sum().astype("float64")))
+    n = z.shape[0]
+    return total / n, (xp.exp(log_q), p, n, logits.shape)
+
+
+def soft_cross_entropy_backward(dloss: float, cache: tuple) -> Array:
+    """dlogits = (softmax(logits) - p) * dloss / N, with the logits' shape (N..., V)."""
+    q, p, n, shape = cache
+    return ((q - p) * (dloss / n)).astype(q.dtype).reshape(shape)

@@ -78,6 +78,8 @@ from minilora.core.layers import (
     linear_forward,
     residual_backward,
     residual_forward,
+    soft_cross_entropy_backward,
+    soft_cross_entropy_forward,
 )
 from minilora.core.lora import (
     Adapter,
@@ -534,9 +536,12 @@ class GPT:
     def loss(self, idx: Any, targets: Any) -> float:
         """Mean cross-entropy of next-token prediction; keeps the caches for ``backward``.
 
-        ``targets`` (B, T): the token that should follow each position, or
-        ``IGNORE_INDEX`` (-1) for positions that do not count. Dropout in training mode
-        only, as in :meth:`forward`.
+        ``targets`` is either (B, T) integer: the token that should follow each
+        position, or ``IGNORE_INDEX`` (-1) for positions that do not count; or
+        (B, T, V) float: a probability distribution over the next token at every
+        position (soft targets, e.g. a teacher's softmax), for which the loss is the
+        cross-entropy H(p, q) = KL(p || q) + H(p) (layers.soft_cross_entropy_forward).
+        Dropout in training mode only, as in :meth:`forward`.
         """
         train = self.training
         if train and self._merged:
@@ -546,13 +551,39 @@ class GPT:
                 "to evaluate"
             )
         idx = self._as_ids(idx, "idx")
+        if getattr(targets, "ndim", None) == 3:  # soft targets (B, T, V)
+            probs = self._as_probs(targets, idx.shape)
+            logits, caches = self._forward(idx, train)
+            loss, c_loss = soft_cross_entropy_forward(logits, probs)
+            self._cache = ModelCache(*caches, (soft_cross_entropy_backward, c_loss))
+            return loss
         targets = self._as_ids(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
         logits, caches = self._forward(idx, train)
         loss, c_loss = cross_entropy_forward(logits, targets)
-        self._cache = ModelCache(*caches, c_loss)
+        self._cache = ModelCache(*caches, (cross_entropy_backward, c_loss))
         return loss
+
+    def _as_probs(self, probs: Any, shape: tuple[int, ...]) -> Array:
+        """Validate soft targets (B, T, V): float, each row non-negative and summing to 1."""
+        want = (*shape, self.config.vocab_size)
+        if tuple(probs.shape) != want:
+            raise ValueError(f"soft targets shape {tuple(probs.shape)} must be (B, T, V) = {want}")
+        xp = self.xp
+        probs = xp.asarray(probs)
+        if not np.issubdtype(probs.dtype, np.floating):
+            raise ValueError(f"soft targets must be a float array, got dtype {probs.dtype}")
+        # one transfer for both checks; the tolerance allows float32 softmax round-off
+        low, err = to_host(
+            xp.stack([probs.min(), xp.abs(probs.sum(axis=-1) - 1).max()]).astype("float64")
+        ).tolist()
+        if not (low >= 0 and err <= 1e-3):
+            raise ValueError(
+                f"soft targets must be probabilities (each >= 0, each row summing to 1); "
+                f"got smallest {low:.3g}, largest |row sum - 1| {err:.3g}"
+            )
+        return probs.astype(self.dtype, copy=False)
 
     # ---------------------------------------------------------------- backward
     def _set_grad(self, name: str, g: Array | None) -> None:
@@ -622,7 +653,8 @@ class GPT:
         self._cache = None  # free the activations as soon as they are used
         self.grads = {}
         wte_trainable = self.is_trainable("wte.weight")
-        dlogits = cross_entropy_backward(1.0, c.loss)  # (B, T, V)
+        loss_backward, c_loss = c.loss  # hard or soft targets: the loss's own backward
+        dlogits = loss_backward(1.0, c_loss)  # (B, T, V)
         dlnf, dwte_head, _ = linear_backward(dlogits, c.head, need_dW=wte_trainable, need_db=False)
         dx = self._layer_norm_backward(dlnf, c.ln_f, "ln_f")
         for i in reversed(range(self.config.n_layer)):

@@ -43,7 +43,9 @@ class Batch(NamedTuple):
     """One training or evaluation batch, int64 arrays of shape (B, T) on the host.
 
     ``targets[b, t]`` is the token that follows ``idx[b, t]``, or ``IGNORE_INDEX``
-    where no loss (and no accuracy) should be counted.
+    where no loss (and no accuracy) should be counted. A task with soft targets (the
+    planted task's ``labels="soft"``) gives instead float ``targets`` (B, T, V): the
+    distribution of the next token (GPT.loss takes both).
     """
 
     idx: np.ndarray

@@ -30,7 +30,11 @@ import numpy as np
 
 from minilora.basics.backend import require_memory, to_host
 from minilora.basics.blas import check_threads, choose_threads, limited_threads
-from minilora.core.layers import IGNORE_INDEX, cross_entropy_forward
+from minilora.core.layers import (
+    IGNORE_INDEX,
+    cross_entropy_forward,
+    soft_cross_entropy_forward,
+)
 from minilora.core.model import GPT
 from minilora.core.optim import AdamW
 from minilora.core.params import activation_bytes
@@ -72,24 +76,51 @@ def evaluate(model: GPT, batch: Batch, chunk: int = 128) -> dict[str, float]:
 
     Returns {"loss", "char_acc", "exact"}: exact is the fraction of rows whose every
     counted token is the argmax, i.e. rows that greedy decoding gets entirely right.
+    With soft targets (B, T, V) the loss is the cross-entropy on them, "kl" is added
+    (KL(p || q), 0 for a perfect imitation, in float64: :func:`kl_divergence`), and the
+    accuracies compare the argmax with the targets' argmax.
     Runs in eval mode (no dropout) and gives the model back in the mode it had.
     """
-    total_loss, total_count, predictions = 0.0, 0, []
+    soft = batch.targets.ndim == 3
+    total_loss, total_kl, total_count, predictions = 0.0, 0.0, 0, []
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(batch.idx), chunk):
             idx, targets = batch.idx[start : start + chunk], batch.targets[start : start + chunk]
             logits = model.forward(idx)
-            count = int((targets != IGNORE_INDEX).sum())
-            loss, _ = cross_entropy_forward(logits, model.xp.asarray(targets))
+            if soft:
+                count = idx.size
+                loss, _ = soft_cross_entropy_forward(logits, model.xp.asarray(targets))
+                total_kl += float(kl_divergence(targets, to_host(logits)).sum())
+            else:
+                count = int((targets != IGNORE_INDEX).sum())
+                loss, _ = cross_entropy_forward(logits, model.xp.asarray(targets))
             total_loss += loss * count
             total_count += count
             predictions.append(to_host(logits.argmax(axis=-1)))
     finally:
         model.train(was_training)
-    char_acc, exact = answer_accuracy(np.concatenate(predictions), batch)
-    return {"loss": total_loss / total_count, "char_acc": char_acc, "exact": exact}
+    labels = Batch(batch.idx, batch.targets.argmax(axis=-1)) if soft else batch
+    char_acc, exact = answer_accuracy(np.concatenate(predictions), labels)
+    metrics = {"loss": total_loss / total_count, "char_acc": char_acc, "exact": exact}
+    if soft:
+        metrics["kl"] = total_kl / total_count
+    return metrics
+
+
+def kl_divergence(probs: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(p || softmax(logits)) = sum_v p_v (log p_v - log q_v) over the last axis.
+
+    On the host in float64, term by term (0 log 0 = 0): a near-perfect student's KL is
+    far below float32's round-off of the cross-entropy H(p, q) it differs from.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_q = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    log_p = np.log(np.where(p > 0, p, 1.0))
+    return (p * (log_p - log_q)).sum(axis=-1)
 
 
 class Trainer:
