@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DoRA: a trainable magnitude per output feature beside A and B (default: off)",
     )
     p.add_argument(
+        "--vera",
+        action="store_const",
+        const=True,
+        default=None,
+        help="VeRA: shared frozen random A and B, two trainable vectors per matrix (default: off)",
+    )
+    p.add_argument(
         "--loraplus-ratio",
         type=float,
         default=None,
@@ -271,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     _targets(p)
     p.add_argument(
         "--dora", action="store_true", help="count DoRA's magnitudes too (d_out per matrix)"
+    )
+    p.add_argument(
+        "--vera", action="store_true", help="count VeRA's vectors instead (r + d_out per matrix)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -123,9 +123,11 @@ def lora_parameter_count(
     targets: str | Iterable[str],
     layers: Iterable[int] | None = None,
     dora: bool = False,
+    vera: bool = False,
 ) -> int:
     """LoRA parameters: r (d_in + d_out) per adapted Linear, over the chosen layers;
-    with ``dora``, DoRA's magnitude adds d_out per adapted Linear.
+    with ``dora``, DoRA's magnitude adds d_out per adapted Linear; with ``vera``, VeRA's
+    vectors are r + d_out per adapted Linear instead (its shared A, B are frozen).
 
     ``layers`` restricts the adapters to some block indices (default: all). For GPT-3
     175B with r=4 on q and v: 96 * 2 * 4 * (12288 + 12288) = 18,874,368, as in the paper.
@@ -136,7 +138,11 @@ def lora_parameter_count(
     targets = _check_targets(targets)
     n_adapted = n_layer if layers is None else len(distinct_indices("layers", layers, n_layer))
     per_layer = sum(r * sum(_target_shape(t, d_model)) for t in targets)
-    if boolean("dora", dora):
+    if boolean("vera", vera):
+        if boolean("dora", dora):
+            raise ValueError("dora=True and vera=True: an adapter is one or the other")
+        per_layer = sum(r + _target_shape(t, d_model)[1] for t in targets)  # λ_d, λ_b
+    elif boolean("dora", dora):
         per_layer += sum(_target_shape(t, d_model)[1] for t in targets)  # m: (d_out,)
     return n_adapted * per_layer
 
@@ -216,10 +222,13 @@ def memory_estimate(
     bytes_per_param: int = 4,
     optimizer: str = "adamw",
     dora: bool = False,
+    vera: bool = False,
 ) -> dict[str, int]:
     """Training memory in bytes, split by what it holds; full fine-tuning when ``r`` is None.
     ``dora``: the adapters are DoRA's (d_out more trainable numbers per matrix; the
     activation estimate is LoRA's, without DoRA's extra cache of one (rows, d_out)).
+    ``vera``: VeRA's adapters (r + d_out trainable numbers per matrix; the weights also
+    hold the shared frozen A, B: r (d_in_max + d_out_max) numbers).
 
     - weights: every parameter (base + adapters) at ``bytes_per_param``
     - gradients: trainable parameters only, at ``bytes_per_param``
@@ -246,8 +255,12 @@ def memory_estimate(
     if r is None:
         stored, trainable = base, base
     else:
-        trainable = lora_parameter_count(c["n_layer"], c["d_model"], r, targets, dora=dora)
-        stored = base + trainable
+        trainable = lora_parameter_count(
+            c["n_layer"], c["d_model"], r, targets, dora=dora, vera=vera
+        )
+        sides = [_target_shape(t, c["d_model"]) for t in _check_targets(targets)]
+        shared = r * sum(max(s[k] for s in sides) for k in (0, 1)) if vera else 0
+        stored = base + trainable + shared
     out = {
         "params": stored,
         "trainable": trainable,
@@ -273,13 +286,14 @@ def accounting_table(
     targets: str | Iterable[str] = ("q", "v"),
     bytes_per_param: int | None = None,
     dora: bool = False,
+    vera: bool = False,
 ) -> dict[str, Any]:
     """Full fine-tuning vs LoRA for a preset (or a config dict), as a JSON-able dict.
 
     Keys: preset, config, bytes_per_param, architecture (per-group counts), total,
     trainable (with LoRA), full and lora (each: trainable and a memory breakdown, see
     :func:`memory_estimate`), ratio (full trainable / LoRA trainable). ``dora``: DoRA
-    adapters (their magnitudes counted).
+    adapters (their magnitudes counted); ``vera``: VeRA adapters (their vectors).
     """
     if isinstance(preset_name, str):
         name, config = preset_name, preset(preset_name)
@@ -299,7 +313,7 @@ def accounting_table(
         config["d_model"],
     )
     full = memory_estimate(config, None, targets, bytes_per_param)
-    lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora)
+    lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora, vera=vera)
     return {
         "preset": name,
         "config": dict(config),
@@ -312,6 +326,7 @@ def accounting_table(
             "r": r,
             "targets": list(targets),
             "dora": dora,
+            "vera": vera,
             "trainable": lora["trainable"],
             "memory": lora,
         },
@@ -345,7 +360,7 @@ def format_accounting(table: Mapping[str, Any]) -> str:
         f"{c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
         f"batch {c['batch_size']} ({bpp} bytes/param)"
     )
-    kind = "DoRA" if lora.get("dora") else "LoRA"
+    kind = "DoRA" if lora.get("dora") else "VeRA" if lora.get("vera") else "LoRA"
     lora_head = f"{kind} r={lora['r']} ({', '.join(lora['targets'])})"
     rows = [("", "full fine-tuning", lora_head)]
     rows.append(
@@ -386,10 +401,10 @@ def format_accounting(table: Mapping[str, Any]) -> str:
 def module_key(name: str) -> str:
     """The module a parameter belongs to: 'h.0.attn.q.weight' -> 'h.0.attn.q'.
 
-    LoRA matrices (and DoRA's magnitude) count under the Linear they adapt:
+    LoRA matrices (and DoRA's magnitude, VeRA's vectors) count under the Linear they adapt:
     'h.0.attn.q.lora_A.default' -> 'h.0.attn.q' (the adapter name may itself contain dots).
     """
-    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude."):
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude.", ".vera_lambda_"):
         if marker in name:
             return name.split(marker, 1)[0]
     head, _, last = name.rpartition(".")

@@ -3,7 +3,8 @@
 ``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
 (cs231n's ``gradient_check.py``); this module decides what to check: every op of
 ``layers.py``, the LoRA layer with two stacked adapters, DoRA's correction with each
-backward, and the tiny GPT with full fine-tuning, with LoRA and with DoRA on every
+backward, VeRA's branch (gradients for x, λ_d and λ_b; its shared A and B are frozen),
+and the tiny GPT with full fine-tuning, with LoRA, with DoRA and with VeRA on every
 target, all in float64.
 
 DoRA has two rows because it has two backwards (dora.py). The exact one is checked
@@ -28,6 +29,7 @@ from minilora.core.gradcheck import CheckResult, check_gradients, gradcheck
 from minilora.core.lora import LoraBranch, LoraConfig, lora_linear_backward, lora_linear_forward
 from minilora.core.model import GPT
 from minilora.core.params import preset_config
+from minilora.core.vera import vera_backward, vera_forward
 
 Array = Any
 
@@ -77,6 +79,7 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     W_lora, b_lora = arr(4, 6), arr(4)  # the frozen base of the LoRA layer
     dora = dict(x=arr(3, 5, 6), A=arr(2, 6), B=arr(4, 2), m=arr(4))
     norm = weight_norm(W_lora, dora["A"], dora["B"], 1.5)  # n at the checked point, held
+    A_vera, B_vera = arr(3, 6), arr(4, 3)  # VeRA's shared slices: frozen, not checked
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -126,6 +129,12 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             _dora_grads,
             dora,
         ),
+        (
+            "vera",  # λ_b ⊙ ((λ_d ⊙ D(x) A^T) B^T): only x and the two vectors have gradients
+            lambda x, lambda_d, lambda_b: vera_forward(x, A_vera, B_vera, lambda_d, lambda_b, mask),
+            vera_backward,
+            dict(x=arr(3, 5, 6), lambda_d=arr(3), lambda_b=arr(4)),
+        ),
     ]
     results = []
     for name, forward, backward, inputs in ops:
@@ -153,7 +162,9 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     dora_config = LoraConfig(
         r=2, alpha=4, dropout=0.1, target_modules=targets_all, use_dora=True, dora_exact_grad=True
     )
-    for label, adapter in (("gpt", None), ("gpt+lora", lora), ("gpt+dora", dora_config)):
+    vera_config = LoraConfig(r=2, dropout=0.1, target_modules=targets_all, use_vera=True)
+    adapters = (("gpt+lora", lora), ("gpt+dora", dora_config), ("gpt+vera", vera_config))
+    for label, adapter in (("gpt", None), *adapters):
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
         if adapter is not None:
