@@ -255,8 +255,10 @@ def test_adapter_files_round_trip_with_the_shared_matrices(tmp_path):
     fresh = random_model(ml.GPTConfig(**TINY), seed=1).eval()
     checkpoints.load_adapter(fresh, tmp_path / "a")
     np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
-    for a, b in zip(fresh.vera_projection("default"), model.vera_projection("default")):
-        np.testing.assert_array_equal(a, b)
+    for kind, a, b in zip(
+        "AB", fresh.vera_projection("default"), model.vera_projection("default"), strict=False
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=kind)
 
 
 @pytest.mark.parametrize("damage", ["drop_shared", "bad_shape", "nan_vector"])
