@@ -256,7 +256,7 @@ def test_adapter_files_round_trip_with_the_shared_matrices(tmp_path):
     checkpoints.load_adapter(fresh, tmp_path / "a")
     np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
     for kind, a, b in zip(
-        "AB", fresh.vera_projection("default"), model.vera_projection("default"), strict=False
+        "AB", fresh.vera_projection("default"), model.vera_projection("default"), strict=True
     ):
         np.testing.assert_array_equal(a, b, err_msg=kind)
 
