@@ -50,6 +50,7 @@ HOST_BOUNDARY = {
     "lab/exercises/grader.py": "compares host copies of learners' results with the reference",
     "core/lora.py::random_factors": "LoRA's random init, drawn on the host in float64, then moved",
     "core/lora.py::pissa_factors": "PiSSA's SVD of a host copy of W, in float64",
+    "core/vera.py::vera_vectors": "VeRA's initial vectors, made on the host, then moved",
     "core/model.py::init_parameters": "GPT-2's init, drawn on the host so every device gets it",
     "core/model.py::GPT._as_ids": "token ids are checked on the host before they move",
     "core/model.py::GPT.generate": "sampling from host copies of the last logits with a host rng",
