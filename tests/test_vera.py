@@ -328,5 +328,9 @@ def test_params_counts_vera_vectors_in_the_accounting_and_on_the_command_line(ca
     assert outcome.status == 0 and "VeRA trains 2,360,064" in outcome.out
     table = params.accounting_table("gpt3-175b", r=4, vera=True)
     assert table["trainable"] == 2_360_064 and table["lora"]["vera"] is True
+    shared = 4 * (12288 + 12288)  # A (4, 12288) and B (12288, 4): q and v are square
+    memory = table["lora"]["memory"]
+    assert memory["checkpoint"] == (2_360_064 + shared) * table["bytes_per_param"]
+    assert memory["params"] == table["total"] + 2_360_064 + shared
     both = run_cli(["params", "--preset", "small", "--vera", "--dora"], capsys)
     assert both.status == 2 and "one or the other" in both.err

@@ -228,7 +228,7 @@ def memory_estimate(
     ``dora``: the adapters are DoRA's (d_out more trainable numbers per matrix; the
     activation estimate is LoRA's, without DoRA's extra cache of one (rows, d_out)).
     ``vera``: VeRA's adapters (r + d_out trainable numbers per matrix; the weights also
-    hold the shared frozen A, B: r (d_in_max + d_out_max) numbers).
+    hold the shared frozen A, B: r (d_in_max + d_out_max) numbers, and so does its file).
 
     - weights: every parameter (base + adapters) at ``bytes_per_param``
     - gradients: trainable parameters only, at ``bytes_per_param``
@@ -252,6 +252,7 @@ def memory_estimate(
     base = count_architecture(
         c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
     )["total"]
+    shared = 0  # VeRA's shared frozen A, B: stored with the weights and in its files
     if r is None:
         stored, trainable = base, base
     else:
@@ -273,7 +274,7 @@ def memory_estimate(
         "activations": step_activation_bytes(c, r, targets, bytes_per_param),
     }
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
-    out["checkpoint"] = trainable * bytes_per_param
+    out["checkpoint"] = (trainable + shared) * bytes_per_param
     return out
 
 
