@@ -308,7 +308,8 @@ def finetune(args: Namespace) -> int:
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
         kind = "DoRA" if lcfg.use_dora else "VeRA" if lcfg.use_vera else "LoRA"
-        mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        scale = "" if lcfg.use_vera else f" alpha={lcfg.alpha:g}"  # VeRA has no scale
+        mode = f"{kind} r={lcfg.r}{scale} on {','.join(lcfg.target_modules)}"
         # the DoRA and VeRA fields only when on: a LoRA run started before they existed
         # resumes (VeRA's d_initial and seed go with it: its shared matrices come from them)
         off = {"use_dora", "dora_exact_grad", "use_vera", "vera_d_initial", "vera_seed"}
