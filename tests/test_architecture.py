@@ -17,6 +17,7 @@ SUBPACKAGES = {
     "core": [
         "layers",
         "dora",
+        "vera",
         "lora",
         "quant",
         "model",

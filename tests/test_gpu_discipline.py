@@ -351,3 +351,39 @@ def test_a_dora_adapter_trains_merges_and_saves_on_the_device(strict_gpu, tmp_pa
         fresh = random_model(ml.GPTConfig(**TINY), seed=1, device="gpu").eval()
         checkpoints.load_adapter(fresh, tmp_path / f"cpu-{exact}")
         same(cpu[2], fresh.forward(idx), "loaded on the device")
+
+
+def test_a_vera_adapter_trains_merges_and_saves_on_the_device(strict_gpu, tmp_path):
+    """VeRA (dropout on): the shared matrices move to the device once, a training step
+    copies only the loss to the host, and merge, unmerge and the adapter files (with the
+    shared matrices) give NumPy's numbers."""
+    config = ml.LoraConfig(r=2, dropout=0.1, target_modules=("q", "fc"), use_vera=True)
+    models = lora_models(default=config)
+    idx, targets = batch()
+    results = {}
+    for device, model in models.items():
+        model.reseed(5)
+        strict_gpu.transfers.clear()
+        loss = model.loss(idx, targets)
+        model.backward()
+        ml.AdamW(model, lr=1e-2).step()
+        if device == "gpu":
+            assert strict_gpu.transfers.sites() == ["minilora.core.layers.cross_entropy_forward"]
+            assert all(backend.xp_of(a) is model.xp for a in model.vera_projection("default"))
+        model.eval()
+        unmerged = model.forward(idx)
+        ml.merge(model)
+        merged = model.forward(idx)
+        ml.unmerge(model)
+        checkpoints.save_adapter(model, tmp_path / device)
+        results[device] = (loss, dict(model.grads), unmerged, merged)
+    cpu, gpu = results["cpu"], results["gpu"]
+    assert abs(cpu[0] - gpu[0]) < TOL * cpu[0]
+    assert sorted(cpu[1]) == sorted(gpu[1]) and cpu[1]
+    for name in cpu[1]:
+        same(cpu[1][name], gpu[1][name], name)
+    same(cpu[2], gpu[2], "unmerged")
+    same(cpu[3], gpu[3], "merged")
+    fresh = random_model(ml.GPTConfig(**TINY), seed=1, device="gpu").eval()
+    checkpoints.load_adapter(fresh, tmp_path / "cpu")
+    same(cpu[2], fresh.forward(idx), "loaded on the device")

@@ -65,6 +65,7 @@ HOST_BOUNDARY = {
     "core/quant.py::double_quantize": "quantizes the host constants once",
     "core/quant.py::quantization_error": "a measurement on host copies, in float64",
     "core/qlora.py::requantized_merge_error": "a measurement on host copies, in float64",
+    "core/vera.py::vera_vectors": "VeRA's initial vectors, made on the host, then moved",
     "core/model.py::init_parameters": "GPT-2's init, drawn on the host so every device gets it",
     "core/model.py::GPT._as_ids": "token ids are checked on the host before they move",
     "core/model.py::GPT.generate": "sampling from host copies of the last logits with a host rng",

@@ -45,6 +45,7 @@ LORA_DEFAULTS = {
     "init": "gaussian",
     "rslora": False,
     "dora": False,
+    "vera": False,
 }
 """finetune's LoRA options (None on the command line: not given) and their defaults."""
 PRODUCT_FILES = {
@@ -334,14 +335,18 @@ def finetune(args: Namespace) -> int:
             init=args.init,
             use_rslora=args.rslora,
             use_dora=args.dora,
+            use_vera=args.vera,
         )
         add_adapter(model, lcfg, name="default", seed=args.seed)
-        kind = "DoRA" if lcfg.use_dora else "LoRA"
-        mode = f"{kind} r={lcfg.r} alpha={lcfg.alpha:g} on {','.join(lcfg.target_modules)}"
+        kind = "DoRA" if lcfg.use_dora else "VeRA" if lcfg.use_vera else "LoRA"
+        scale = "" if lcfg.use_vera else f" alpha={lcfg.alpha:g}"  # VeRA has no scale
+        mode = f"{kind} r={lcfg.r}{scale} on {','.join(lcfg.target_modules)}"
         mode += f" over an {args.quantize.upper()} base" if args.quantize else ""
-        # the DoRA fields only when on: a LoRA run started before they existed resumes
-        off = {"use_dora", "dora_exact_grad"}
-        lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off}
+        # the DoRA and VeRA fields only when on: a LoRA run started before they existed
+        # resumes (VeRA's d_initial and seed go with it: its shared matrices come from them)
+        off = {"use_dora", "dora_exact_grad", "use_vera", "vera_d_initial", "vera_seed"}
+        vera = {"vera_d_initial", "vera_seed"} if lcfg.use_vera else set()
+        lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off or k in vera}
         settings.update(mode="lora", lora=lora)
     block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
     trainer = Trainer(
@@ -413,6 +418,7 @@ def params_command(args: Namespace) -> int:
         targets=_targets(args.targets),
         dora=args.dora,
         quantize=args.quantize,
+        vera=args.vera,
     )
     if args.quantize is not None:  # QLoRA's own figure, beside this estimate of it
         table["qlora_65b"] = qlora_65b()

@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DoRA: a trainable magnitude per output feature beside A and B (default: off)",
     )
     p.add_argument(
+        "--vera",
+        action="store_const",
+        const=True,
+        default=None,
+        help="VeRA: shared frozen random A and B, two trainable vectors per matrix (default: off)",
+    )
+    p.add_argument(
         "--loraplus-ratio",
         type=float,
         default=None,
@@ -289,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         help="nf4: add QLoRA (the base in 4 bits) and the paper's 65B figure (default: none)",
+    )
+    p.add_argument(
+        "--vera", action="store_true", help="count VeRA's vectors instead (r + d_out per matrix)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -30,8 +30,10 @@ from minilora.core.lora import (
     module_path,
     pissa_factors,
     random_factors,
+    vera_names,
 )
 from minilora.core.model import GPT, require_gpt
+from minilora.core.vera import vera_delta_weight, vera_projection, vera_slices, vera_vectors
 
 Factors = Mapping[str, tuple[np.ndarray, ...]]  # module -> (A, B), or (A, B, m), on the host
 
@@ -141,16 +143,16 @@ def install_adapter(
     pissa_init: Factors | None = None,
     activate: bool = True,
     pissa_base: Mapping[str, np.ndarray] | None = None,
+    projection: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Freeze the base, attach A and B of every module, and (by default) make ``name`` active.
 
     PiSSA adapters pass ``apply_pissa_split``'s two results as ``pissa_init`` and
-    ``pissa_base``.
+    ``pissa_base``; VeRA adapters pass their shared (A, B) as ``projection``.
     """
     model.freeze(*model.base_names())
-    adapter = Adapter(
-        name, config, tuple(factors), fingerprint, dict(pissa_init or {}), dict(pissa_base or {})
-    )
+    pissa = dict(pissa_init or {}), dict(pissa_base or {})
+    adapter = Adapter(name, config, tuple(factors), fingerprint, *pissa, projection)
     model.attach_adapter(adapter, factors)
     if activate:
         model.activate_adapters([name])
@@ -181,6 +183,7 @@ def add_adapter(
         n_new * (8 + model.dtype.itemsize), f"LoRA r={config.r} on {len(modules)} matrices"
     )
     fingerprint = model.base_fingerprint()  # before PiSSA rewrites W
+    shapes = {m: model.weight_shape(m) for m in modules}
     seed = model.seed if seed is None else non_negative_int("seed", seed)
     rng = np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**32])
     pissa_init, pissa_base = {}, {}
@@ -188,11 +191,17 @@ def add_adapter(
         pissa_init, pissa_base = apply_pissa_split(model, pissa_split(model, modules, config))
         factors = pissa_init
     else:
-        shapes = {m: model.weight_shape(m) for m in modules}
         factors = {m: random_factors(*shapes[m], config.r, config.init, rng) for m in modules}
     if config.use_dora:
         factors = dora_magnitudes(model, factors, config)
-    install_adapter(model, name, config, factors, fingerprint, pissa_init, pissa_base=pissa_base)
+    projection = None
+    if config.use_vera:  # the shared matrices span the largest sides (PEFT's _find_dim)
+        d_out, d_in = (max(shapes[m][k] for m in modules) for k in (0, 1))
+        projection = vera_projection(config.r, d_in, d_out, config.vera_seed)
+        factors = {m: vera_vectors(shapes[m][0], config.r, config.vera_d_initial) for m in modules}
+    install_adapter(
+        model, name, config, factors, fingerprint, pissa_init, True, pissa_base, projection
+    )
 
 
 # -------------------------------------------------------------------- switching
@@ -254,11 +263,16 @@ def delete_adapter(model: GPT, name: str) -> list[str]:
 # ---------------------------------------------------------------------- merging
 def _apply_delta(model: GPT, name: str) -> None:
     """W <- W + s B A on every module of adapter ``name`` (in place: the live array);
-    for DoRA, W <- m ⊙ (W + s B A) / ||W + s B A|| (dora.dora_weight)."""
+    for DoRA, W <- m ⊙ (W + s B A) / ||W + s B A|| (dora.dora_weight); for VeRA,
+    W <- W + (λ_b ⊙ B) (λ_d ⊙ A) on the shared matrices' slices (vera.vera_delta_weight)."""
     adapter = model.adapters[name]
     for module in adapter.modules:
-        A, B = (model.params[n] for n in lora_names(module, name))
         W = model.params[f"{module}.weight"]
+        if adapter.config.use_vera:
+            A, B = vera_slices(*model.vera_projection(name), *W.shape)
+            W += vera_delta_weight(A, B, *(model.params[n] for n in vera_names(module, name)))
+            continue
+        A, B = (model.params[n] for n in lora_names(module, name))
         if adapter.config.use_dora:
             m = model.params[magnitude_name(module, name)]
             W[...] = dora_weight(W, A, B, m, adapter.config.scale)
@@ -329,6 +343,11 @@ def _check_combination(
             raise ValueError(
                 f"adapter {a.name!r} uses DoRA: its update is not s B A alone (its magnitude "
                 f"rescales W too), so it cannot be combined (method {method!r})"
+            )
+        if a.config.use_vera:
+            raise ValueError(
+                f"adapter {a.name!r} uses VeRA: it has no A and B of its own (only vectors "
+                f"on shared frozen matrices), so it cannot be combined (method {method!r})"
             )
     if len(weights) != len(names):
         raise ValueError(f"weights={weights!r} must be {len(names)} numbers, one per adapter")

@@ -24,6 +24,8 @@ This module holds the pair (``lora_forward`` / ``lora_backward``), the whole lay
 linear), ``delta_weight``, the initialisations, and ``LoraConfig``. It never touches
 a model: putting adapters on a GPT is ``adapters.py``'s job. A DoRA adapter
 (``LoraConfig(use_dora=True)``) is a branch with a magnitude: its pair is in ``dora.py``.
+A VeRA adapter (``LoraConfig(use_vera=True)``) is a branch whose A and B are the shared
+frozen matrices' slices and whose trainable parts are two vectors: its pair is in ``vera.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from minilora.basics.checks import (
     boolean,
     distinct_indices,
     distinct_names,
+    non_negative_int,
     one_of,
     positive_int,
     positive_real,
@@ -53,6 +56,7 @@ from minilora.core.layers import (
     linear_backward,
     linear_forward,
 )
+from minilora.core.vera import VeraCache, vera_backward, vera_forward
 
 Array = Any
 
@@ -133,7 +137,9 @@ class LoraBranch(NamedTuple):
     """One adapter on a linear: its factors, its scale s and its dropout mask (or None).
 
     A DoRA branch also has its magnitude m (d_out,) and says which backward it wants
-    (``exact_grad``: through the norm; default detached, see dora.py).
+    (``exact_grad``: through the norm; default detached, see dora.py). A VeRA branch has
+    its vectors (λ_d, λ_b) in ``lambdas``, and A, B are then the shared matrices' slices
+    (frozen; no scale: see vera.py).
     """
 
     A: Array  # (r, d_in)
@@ -142,6 +148,7 @@ class LoraBranch(NamedTuple):
     mask: Array | None = None  # (N..., d_in), from layers.dropout_mask; None in eval
     magnitude: Array | None = None  # DoRA's m (d_out,); None for plain LoRA
     exact_grad: bool = False  # DoRA only
+    lambdas: tuple[Array, Array] | None = None  # VeRA's (λ_d (r,), λ_b (d_out,)); else None
 
 
 def lora_linear_forward(
@@ -168,8 +175,10 @@ def lora_linear_forward(
     need_dAB = [(True, True)] * len(branches) if need_dAB is None else need_dAB
     lora_caches = []
     for branch, need in zip(branches, need_dAB, strict=True):
-        A, B, scale, mask, magnitude, exact_grad = branch
-        if magnitude is not None:  # DoRA: every gradient needs z and u, so keep them all
+        A, B, scale, mask, magnitude, exact_grad, lambdas = branch
+        if lambdas is not None:  # VeRA: A and B are frozen, only the vectors train
+            delta_h, lora_cache = vera_forward(x, A, B, *lambdas, mask)
+        elif magnitude is not None:  # DoRA: every gradient needs z and u, so keep them all
             delta_h, lora_cache = dora_forward(x, W, A, B, magnitude, scale, mask, exact_grad)
         else:
             delta_h, lora_cache = lora_forward(x, A, B, scale, mask, need[0], need[1])
@@ -191,14 +200,18 @@ def lora_linear_backward(
     pass need_dW = need_db = False (the model does), and the base contributes only the
     pass-through dx = dh W; dW is never formed. ``need_dAB`` says per branch whether
     dA and dB are wanted (default: all). Returns (dx, dW, db, [(dA_j, dB_j) ...]); a
-    DoRA branch gives (dA_j, dB_j, dm_j), and its need flags may be a triple too.
+    DoRA branch gives (dA_j, dB_j, dm_j), and its need flags may be a triple too; a VeRA
+    branch gives (dλ_d_j, dλ_b_j).
     """
     base_cache, lora_caches = cache
     need_dAB = [(True, True, True)] * len(lora_caches) if need_dAB is None else need_dAB
     dx, dW, db = linear_backward(dh, base_cache, need_dW=need_dW, need_db=need_db)
     dAB: list = []
     for lora_cache, need in zip(lora_caches, need_dAB, strict=True):
-        if isinstance(lora_cache, DoraCache):
+        if isinstance(lora_cache, VeraCache):
+            dx_lora, dld, dlb = vera_backward(dh, lora_cache)
+            dAB.append((dld if need[0] else None, dlb if need[1] else None))
+        elif isinstance(lora_cache, DoraCache):
             dx_lora, dA, dB, dm, dW_dora = dora_backward(dh, lora_cache, need_dW)
             if dW_dora is not None:  # W feeds the base and the DoRA correction
                 dW += dW_dora
@@ -266,7 +279,11 @@ class LoraConfig:
     layers: block indices to adapt (None = all); use_dora: DoRA (Liu et al. 2024), a
     trainable magnitude per output feature beside A and B (dora.py);
     dora_exact_grad: DoRA's backward follows the norm ||W + s B A|| too (default: the
-    norm is detached, as in the paper's §4.3 and PEFT).
+    norm is detached, as in the paper's §4.3 and PEFT). use_vera: VeRA (Kopiczko et al.
+    2024): frozen random A and B shared by every adapted linear, drawn from ``vera_seed``,
+    and two trainable vectors per linear, λ_d (r) starting at ``vera_d_initial`` and λ_b
+    (d_out) at 0 (vera.py); alpha, use_rslora and init do not apply (no scale; the
+    shared matrices are Kaiming-uniform).
     """
 
     r: int = 8
@@ -278,6 +295,9 @@ class LoraConfig:
     layers: tuple[int, ...] | None = None
     use_dora: bool = False
     dora_exact_grad: bool = False
+    use_vera: bool = False
+    vera_d_initial: float = 0.1
+    vera_seed: int = 0
 
     def __post_init__(self) -> None:
         targets = distinct_names("target_modules", self.target_modules, TARGET_MODULES, NOT_TARGETS)
@@ -291,11 +311,39 @@ class LoraConfig:
             "layers": None if self.layers is None else distinct_indices("layers", self.layers),
             "use_dora": boolean("use_dora", self.use_dora),
             "dora_exact_grad": boolean("dora_exact_grad", self.dora_exact_grad),
+            "use_vera": boolean("use_vera", self.use_vera),
+            "vera_d_initial": real("vera_d_initial", self.vera_d_initial),
+            "vera_seed": non_negative_int("vera_seed", self.vera_seed),
         }
         if checked["dora_exact_grad"] and not checked["use_dora"]:
             raise ValueError("dora_exact_grad=True is a DoRA option; it needs use_dora=True")
+        self._check_vera(checked)
         for name, value in checked.items():  # frozen dataclass: store the normalised values
             object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _check_vera(checked: dict) -> None:
+        """VeRA replaces A and B by shared frozen matrices and has no scale: the options
+        that act on A, B or s make no sense with it."""
+        if not checked["use_vera"]:
+            for key, default in (("vera_d_initial", 0.1), ("vera_seed", 0)):
+                if checked[key] != default:
+                    raise ValueError(
+                        f"{key}={checked[key]!r} is a VeRA option; it needs use_vera=True"
+                    )
+            return
+        clashes = {
+            "use_dora": "DoRA's magnitude rescales W + s B A, and VeRA has no trainable B A",
+            "use_rslora": "rsLoRA changes the scale s, and VeRA has none (its vectors scale)",
+        }
+        for key, why in clashes.items():
+            if checked[key]:
+                raise ValueError(f"use_vera=True cannot be combined with {key}=True: {why}")
+        if checked["init"] == "pissa":
+            raise ValueError(
+                "use_vera=True cannot be combined with init='pissa': VeRA's A and B are "
+                "shared random matrices, not W's singular vectors; allowed: gaussian, kaiming"
+            )
 
     @property
     def scale(self) -> float:
@@ -312,14 +360,15 @@ class LoraConfig:
     def from_dict(cls, d: Any) -> LoraConfig:
         """The inverse of :meth:`to_dict`; every field is checked as in the constructor.
 
-        The DoRA fields may be absent (files written before DoRA existed): plain LoRA.
+        The DoRA and VeRA fields may be absent (files written before they existed): plain
+        LoRA.
         """
         known = sorted(cls.__dataclass_fields__)
-        optional = {"use_dora", "dora_exact_grad"}
+        optional = {"use_dora", "dora_exact_grad", "use_vera", "vera_d_initial", "vera_seed"}
         if not isinstance(d, dict) or not set(known) - optional <= set(d) <= set(known):
             raise ValueError(
                 f"not a LoRA config: {d!r}; it needs exactly the keys {known} "
-                "(use_dora and dora_exact_grad may be left out)"
+                "(the DoRA and VeRA fields may be left out)"
             )
         for key in ("target_modules", "layers"):  # a file's "qv" is not the list ["q", "v"]
             if not isinstance(d[key], list) and not (key == "layers" and d[key] is None):
@@ -342,6 +391,9 @@ class Adapter:
     # Deleting the adapter puts these back bit for bit: adding s B0 A0 to the residual
     # again would miss W by rounding, and so change the base's fingerprint.
     pissa_base: dict[str, np.ndarray] = field(default_factory=dict)
+    # VeRA only: the shared frozen (A (r, d_in_max), B (d_out_max, r)) on the host; the
+    # model keeps their device copies (GPT.vera_projection)
+    vera_projection: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def module_path(block: int, target: str) -> str:
@@ -366,7 +418,15 @@ def magnitude_name(module: str, adapter: str) -> str:
     return f"{module}.lora_magnitude.{adapter}"
 
 
+def vera_names(module: str, adapter: str) -> tuple[str, str]:
+    """The parameter names of a VeRA adapter's λ_d and λ_b on ``module``."""
+    return f"{module}.vera_lambda_d.{adapter}", f"{module}.vera_lambda_b.{adapter}"
+
+
 def adapter_names(module: str, adapter: str, config: LoraConfig) -> tuple[str, ...]:
-    """Every parameter name ``adapter`` has on ``module``: A, B, and m with DoRA."""
+    """Every parameter name ``adapter`` has on ``module``: A, B, and m with DoRA; λ_d
+    and λ_b with VeRA (its A and B are shared and frozen: not parameters)."""
+    if config.use_vera:
+        return vera_names(module, adapter)
     extra = (magnitude_name(module, adapter),) if config.use_dora else ()
     return (*lora_names(module, adapter), *extra)

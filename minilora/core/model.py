@@ -89,8 +89,10 @@ from minilora.core.lora import (
     lora_linear_forward,
     lora_names,
     magnitude_name,
+    vera_names,
 )
 from minilora.core.quant import NF4Weight, dequantize, quantize, to_device
+from minilora.core.vera import vera_slices
 
 Array = Any
 
@@ -240,6 +242,7 @@ class GPT:
         self._premerge: dict[str, Array] = {}  # host copies of W before merge, for unmerge
         self._quantized: dict[str, NF4Weight] = {}  # weight name -> NF4 storage (QLoRA)
         self._fingerprint_before_quantization: tuple[str, str] | None = None  # (all, rest)
+        self._projections: dict[str, tuple[Array, Array]] = {}  # VeRA's shared A, B on device
         self.rng = self.backend.rng(seed)  # dropout masks
         self.training = True  # dropout on; see train() and eval()
         self._cache: ModelCache | None = None
@@ -321,7 +324,9 @@ class GPT:
 
     def attach_adapter(self, adapter: Adapter, factors: Mapping[str, tuple[Any, ...]]) -> None:
         """Register ``adapter`` and put its host factors {module: (A, B)} into ``params``
-        ({module: (A, B, m)} for a DoRA adapter, m its magnitude).
+        ({module: (A, B, m)} for a DoRA adapter, m its magnitude; {module: (λ_d, λ_b)} for
+        a VeRA adapter, whose shared frozen A and B, ``adapter.vera_projection``, move to
+        the device once, outside ``params``: they are neither base nor trainable).
 
         The new parameters start frozen; :meth:`activate_adapters` makes them trainable.
         """
@@ -336,11 +341,21 @@ class GPT:
             for pname, value in zip(names, arrays, strict=True):
                 self.params[pname] = self.backend.asarray(value, dtype=self.dtype)
                 self.frozen.add(pname)
+        if adapter.vera_projection is not None:
+            self._projections[adapter.name] = tuple(
+                self.backend.asarray(a, dtype=self.dtype) for a in adapter.vera_projection
+            )
         self._adapters[adapter.name] = adapter
+
+    def vera_projection(self, name: str) -> tuple[Array, Array]:
+        """VeRA adapter ``name``'s shared frozen (A (r, d_in_max), B (d_out_max, r)) on the
+        model's device."""
+        return self._projections[name]
 
     def detach_adapter(self, name: str) -> Adapter:
         """Remove an adapter's A and B (and gradients); returns its record."""
         adapter = self._adapters.pop(name)
+        self._projections.pop(name, None)
         for module in adapter.modules:
             for pname in adapter_names(module, name, adapter.config):
                 del self.params[pname]
@@ -462,13 +477,20 @@ class GPT:
     # ----------------------------------------------------------------- forward
     def _linear(self, module: str, x: Array, train: bool) -> tuple[Array, tuple]:
         """h = x W^T + b + sum over live adapters of s (D(x) A^T) B^T (the LoRA layer);
-        a DoRA adapter's branch carries its magnitude (lora.LoraBranch)."""
+        a DoRA adapter's branch carries its magnitude, a VeRA adapter's its vectors and the
+        shared matrices' slices (lora.LoraBranch)."""
         p = self.params
         live = self._live_adapters(module)
         branches, need_dAB = [], []
         for name in live:
             config = self._adapters[name].config
             mask = dropout_mask(x.shape, config.dropout, self.rng, self.dtype) if train else None
+            if config.use_vera:
+                A, B = vera_slices(*self._projections[name], *self.weight_shape(module))
+                lambdas = tuple(p[n] for n in vera_names(module, name))
+                branches.append(LoraBranch(A, B, 1.0, mask, lambdas=lambdas))
+                need_dAB.append(tuple(self.is_trainable(n) for n in vera_names(module, name)))
+                continue
             A_name, B_name = lora_names(module, name)
             m = p[magnitude_name(module, name)] if config.use_dora else None
             branch = LoraBranch(p[A_name], p[B_name], config.scale, mask, m, config.dora_exact_grad)
@@ -747,8 +769,9 @@ class GPT:
             self.params[name][...] = self.backend.asarray(value, dtype=self.dtype)
 
     def base_names(self) -> list[str]:
-        """The pretrained parameters (everything that is not an adapter's: A, B, DoRA's m)."""
-        return [n for n in self.params if ".lora_" not in n]
+        """The pretrained parameters (everything that is not an adapter's: A, B, DoRA's m,
+        VeRA's λ_d and λ_b)."""
+        return [n for n in self.params if ".lora_" not in n and ".vera_" not in n]
 
     def base_fingerprint(self) -> str:
         """A short SHA-256 of the base weights (as float32), to tie an adapter to its base.

@@ -125,9 +125,11 @@ def lora_parameter_count(
     targets: str | Iterable[str],
     layers: Iterable[int] | None = None,
     dora: bool = False,
+    vera: bool = False,
 ) -> int:
     """LoRA parameters: r (d_in + d_out) per adapted Linear, over the chosen layers;
-    with ``dora``, DoRA's magnitude adds d_out per adapted Linear.
+    with ``dora``, DoRA's magnitude adds d_out per adapted Linear; with ``vera``, VeRA's
+    vectors are r + d_out per adapted Linear instead (its shared A, B are frozen).
 
     ``layers`` restricts the adapters to some block indices (default: all). For GPT-3
     175B with r=4 on q and v: 96 * 2 * 4 * (12288 + 12288) = 18,874,368, as in the paper.
@@ -138,7 +140,11 @@ def lora_parameter_count(
     targets = _check_targets(targets)
     n_adapted = n_layer if layers is None else len(distinct_indices("layers", layers, n_layer))
     per_layer = sum(r * sum(_target_shape(t, d_model)) for t in targets)
-    if boolean("dora", dora):
+    if boolean("vera", vera):
+        if boolean("dora", dora):
+            raise ValueError("dora=True and vera=True: an adapter is one or the other")
+        per_layer = sum(r + _target_shape(t, d_model)[1] for t in targets)  # λ_d, λ_b
+    elif boolean("dora", dora):
         per_layer += sum(_target_shape(t, d_model)[1] for t in targets)  # m: (d_out,)
     return n_adapted * per_layer
 
@@ -228,10 +234,13 @@ def memory_estimate(
     optimizer: str = "adamw",
     dora: bool = False,
     quantize: str | None = None,
+    vera: bool = False,
 ) -> dict[str, int]:
     """Training memory in bytes, split by what it holds; full fine-tuning when ``r`` is None.
     ``dora``: the adapters are DoRA's (d_out more trainable numbers per matrix; the
     activation estimate is LoRA's, without DoRA's extra cache of one (rows, d_out)).
+    ``vera``: VeRA's adapters (r + d_out trainable numbers per matrix; the weights also
+    hold the shared frozen A, B: r (d_in_max + d_out_max) numbers, and so does its file).
 
     - weights: every parameter (base + adapters) at ``bytes_per_param``; with
       ``quantize="nf4"`` (QLoRA, LoRA only) the blocks' linear weights at NF4's
@@ -264,11 +273,16 @@ def memory_estimate(
     base = count_architecture(
         c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["d_model"]
     )["total"]
+    shared = 0  # VeRA's shared frozen A, B: stored with the weights and in its files
     if r is None:
         stored, trainable = base, base
     else:
-        trainable = lora_parameter_count(c["n_layer"], c["d_model"], r, targets, dora=dora)
-        stored = base + trainable
+        trainable = lora_parameter_count(
+            c["n_layer"], c["d_model"], r, targets, dora=dora, vera=vera
+        )
+        sides = [_target_shape(t, c["d_model"]) for t in _check_targets(targets)]
+        shared = r * sum(max(s[k] for s in sides) for k in (0, 1)) if vera else 0
+        stored = base + trainable + shared
     out = {
         "params": stored,
         "trainable": trainable,
@@ -285,7 +299,7 @@ def memory_estimate(
         out["weights"] += nbytes - values * bytes_per_param
         out["quantized_weights"] = nbytes
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
-    out["checkpoint"] = trainable * bytes_per_param
+    out["checkpoint"] = (trainable + shared) * bytes_per_param
     return out
 
 
@@ -299,14 +313,16 @@ def accounting_table(
     bytes_per_param: int | None = None,
     dora: bool = False,
     quantize: str | None = None,
+    vera: bool = False,
 ) -> dict[str, Any]:
     """Full fine-tuning vs LoRA for a preset (or a config dict), as a JSON-able dict.
 
     Keys: preset, config, bytes_per_param, architecture (per-group counts), total,
     trainable (with LoRA), full and lora (each: trainable and a memory breakdown, see
     :func:`memory_estimate`), ratio (full trainable / LoRA trainable). ``dora``: DoRA
-    adapters (their magnitudes counted). With ``quantize="nf4"`` also qlora (LoRA on
-    the NF4 base, the same keys as lora); the CLI adds qlora.qlora_65b().
+    adapters (their magnitudes counted); ``vera``: VeRA adapters (their vectors). With
+    ``quantize="nf4"`` also qlora (LoRA on the NF4 base, the same keys as lora); the
+    CLI adds qlora.qlora_65b().
     """
     if isinstance(preset_name, str):
         name, config = preset_name, preset(preset_name)
@@ -326,7 +342,7 @@ def accounting_table(
         config["d_model"],
     )
     full = memory_estimate(config, None, targets, bytes_per_param)
-    lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora)
+    lora = memory_estimate(config, r, targets, bytes_per_param, dora=dora, vera=vera)
     table = {
         "preset": name,
         "config": dict(config),
@@ -339,6 +355,7 @@ def accounting_table(
             "r": r,
             "targets": list(targets),
             "dora": dora,
+            "vera": vera,
             "trainable": lora["trainable"],
             "memory": lora,
         },
@@ -382,7 +399,7 @@ def format_accounting(table: Mapping[str, Any]) -> str:
         f"{c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
         f"batch {c['batch_size']} ({bpp} bytes/param)"
     )
-    kind = "DoRA" if lora.get("dora") else "LoRA"
+    kind = "DoRA" if lora.get("dora") else "VeRA" if lora.get("vera") else "LoRA"
     lora_head = f"{kind} r={lora['r']} ({', '.join(lora['targets'])})"
     rows = [("", "full fine-tuning", lora_head)]
     rows.append(
@@ -438,10 +455,10 @@ def format_accounting(table: Mapping[str, Any]) -> str:
 def module_key(name: str) -> str:
     """The module a parameter belongs to: 'h.0.attn.q.weight' -> 'h.0.attn.q'.
 
-    LoRA matrices (and DoRA's magnitude) count under the Linear they adapt:
+    LoRA matrices (and DoRA's magnitude, VeRA's vectors) count under the Linear they adapt:
     'h.0.attn.q.lora_A.default' -> 'h.0.attn.q' (the adapter name may itself contain dots).
     """
-    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude."):
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude.", ".vera_lambda_"):
         if marker in name:
             return name.split(marker, 1)[0]
     head, _, last = name.rpartition(".")

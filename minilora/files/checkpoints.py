@@ -5,6 +5,8 @@ Adapters use PEFT's two file names::
     DIR/adapter_config.json          LoRA config, base fingerprint, minilora version
     DIR/adapter_model.safetensors    h.{i}.{attn|mlp}.{t}.lora_A / .lora_B, nothing else
                                      (DoRA: also .lora_magnitude_vector, PEFT's name)
+                                     (VeRA: .vera_lambda_d / .vera_lambda_b instead, and
+                                     the shared vera_A, vera_B once)
 
 so an adapter is r (d_in + d_out) numbers per adapted matrix: kilobytes where the model
 is megabytes. Everything read is validated before the model is touched, and every
@@ -34,7 +36,7 @@ from minilora.core.adapters import (
     pissa_split,
     require_unmerged,
 )
-from minilora.core.lora import LoraConfig, lora_names, magnitude_name
+from minilora.core.lora import LoraConfig, adapter_names, lora_names, magnitude_name
 from minilora.core.model import (
     GPT,
     GPTConfig,
@@ -55,6 +57,10 @@ BUILTIN_BASE = Path(__file__).parents[1] / "assets" / "base-small"
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m in a file: PEFT's name for it
 MODEL_FORMATS = ("minilora", "hf")
 ADAPTER_FORMATS = ("minilora", "peft")
+# VeRA's shared frozen matrices are saved with the adapter, as PEFT's default
+# save_projection=True does: the file then loads whatever generator drew them.
+VERA_SHARED = ("vera_A", "vera_B")
+VERA_KINDS = ("vera_lambda_d", "vera_lambda_b")
 PRETRAIN_COMMAND = "minilora pretrain --preset small --steps 3000 --seed 0 --out runs/base"
 
 
@@ -114,7 +120,13 @@ def save_adapter(
     adapter = model.adapters[name]
     directory = Path(directory)
     tensors = {}
-    for module in adapter.modules:
+    if adapter.config.use_vera:
+        tensors = dict(zip(VERA_SHARED, map(to_host, model.vera_projection(name)), strict=True))
+        for module in adapter.modules:
+            pnames = adapter_names(module, name, adapter.config)
+            for kind, pname in zip(VERA_KINDS, pnames, strict=True):
+                tensors[f"{module}.{kind}"] = to_host(model.params[pname])
+    for module in () if adapter.config.use_vera else adapter.modules:
         A_name, B_name = lora_names(module, name)
         tensors[f"{module}.lora_A"] = to_host(model.params[A_name])
         tensors[f"{module}.lora_B"] = to_host(model.params[B_name])
@@ -207,7 +219,9 @@ def load_adapter(
         raise ValueError(f"{config_path}: {err}") from None
     tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
     kinds = ["lora_A", "lora_B"] + ([MAGNITUDE] if config.use_dora else [])
+    kinds = list(VERA_KINDS) if config.use_vera else kinds
     expected = {f"{m}.{kind}" for m in modules for kind in kinds}
+    expected |= set(VERA_SHARED) if config.use_vera else set()
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(
@@ -218,20 +232,22 @@ def load_adapter(
     for module in modules:
         d_out, d_in = model.weight_shape(module)
         shapes = {"lora_A": (config.r, d_in), "lora_B": (d_out, config.r), MAGNITUDE: (d_out,)}
+        shapes.update(vera_lambda_d=(config.r,), vera_lambda_b=(d_out,))
         arrays = tuple(tensors[f"{module}.{kind}"] for kind in kinds)
         for kind, array in zip(kinds, arrays, strict=True):
-            shape = shapes[kind]
-            if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
-                raise ValueError(
-                    f"{directory}: {module}.{kind} has shape {array.shape} and dtype "
-                    f"{array.dtype}; expected a float array of shape {shape}"
-                )
-            if not finite_as(array, model.dtype):
-                raise ValueError(
-                    f"{directory}: {module}.{kind} contains NaN or inf (as {model.dtype.name})"
-                )
-        _check_update_fits(config_path, config, module, arrays[0], arrays[1], model.dtype)
+            _check_tensor(directory, f"{module}.{kind}", array, shapes[kind], model.dtype)
+        if not config.use_vera:  # VeRA has no scale s; its vectors are checked finite
+            _check_update_fits(config_path, config, module, arrays[0], arrays[1], model.dtype)
         factors[module] = arrays
+    projection = None
+    if config.use_vera:  # the shared matrices span the largest sides of the adapted linears
+        sides = [model.weight_shape(m) for m in modules]
+        d_out, d_in = (max(shape[k] for shape in sides) for k in (0, 1))
+        projection = tensors["vera_A"], tensors["vera_B"]
+        for kind, array, shape in zip(
+            VERA_SHARED, projection, ((config.r, d_in), (d_out, config.r)), strict=True
+        ):
+            _check_tensor(directory, kind, array, shape, model.dtype)
     split = pissa_split(model, modules, config) if config.init == "pissa" else {}
     if split:  # the same SVD of the same W gives the same residual: check that it does
         after = {n: model.params[n] for n in model.base_names()}
@@ -244,9 +260,22 @@ def load_adapter(
     # Everything checked: from here on the model changes.
     pissa_init, pissa_base = apply_pissa_split(model, split)
     install_adapter(
-        model, name, config, factors, fingerprint, pissa_init, activate, pissa_base=pissa_base
+        model, name, config, factors, fingerprint, pissa_init, activate, pissa_base, projection
     )
     return name
+
+
+def _check_tensor(
+    directory: Path, what: str, array: np.ndarray, shape: tuple, dtype: np.dtype
+) -> None:
+    """An adapter file's tensor must be a finite float array of the expected shape."""
+    if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"{directory}: {what} has shape {array.shape} and dtype "
+            f"{array.dtype}; expected a float array of shape {shape}"
+        )
+    if not finite_as(array, dtype):
+        raise ValueError(f"{directory}: {what} contains NaN or inf (as {np.dtype(dtype).name})")
 
 
 def _folder(kind: str, directory: str | os.PathLike) -> Path:

@@ -308,7 +308,7 @@ def load_peft_adapter(
         for t in targets:
             module = module_path(block, t)
             if module not in factors:
-                d_o, d_i = model.params[f"{module}.weight"].shape
+                d_o, d_i = model.weight_shape(module)
                 factors[module] = (np.zeros((R, d_i)), np.zeros((d_o, R)))
     config = LoraConfig(
         r=R,

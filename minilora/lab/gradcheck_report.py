@@ -3,8 +3,10 @@
 ``gradcheck.py`` is the finite-difference machinery and knows nothing of a model
 (cs231n's ``gradient_check.py``); this module decides what to check: every op of
 ``layers.py``, the LoRA layer with two stacked adapters and on an NF4 base (QLoRA),
-DoRA's correction with each backward, and the tiny GPT with full fine-tuning, with LoRA,
-with DoRA on every target and with LoRA on an NF4 base, all in float64.
+DoRA's correction with each backward, VeRA's branch (gradients for x, λ_d and λ_b; its
+shared A and B are frozen), and the tiny GPT with full fine-tuning, with LoRA, with DoRA
+and with VeRA on every target and with LoRA on an NF4 base, all in float64.
+
 DoRA has two rows because it has two backwards (dora.py). The exact one is checked
 against finite differences of the forward itself. The detached one (the default, the
 paper's and PEFT's) is the gradient of a different function, the forward with the
@@ -29,6 +31,7 @@ from minilora.core.model import GPT
 from minilora.core.params import preset_config
 from minilora.core.qlora import quantize_base
 from minilora.core.quant import dequantize, quantize
+from minilora.core.vera import vera_backward, vera_forward
 
 Array = Any
 
@@ -87,6 +90,7 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     # QLoRA's layer: the same LoRA layer on W = dequantize(quantize(W)), a constant
     W_nf4 = xp.asarray(to_host(dequantize(quantize(arr(8, 16)))), dtype=xp.float64)
     b_nf4 = arr(8)
+    A_vera, B_vera = arr(3, 6), arr(4, 3)  # VeRA's shared slices: frozen, not checked
     ops: list[tuple[str, Callable, Callable, dict]] = [
         (
             "linear",
@@ -142,6 +146,12 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
             _qlora_linear_grads,
             dict(x=arr(3, 5, 16), A=arr(2, 16), B=arr(8, 2)),
         ),
+        (
+            "vera",  # λ_b ⊙ ((λ_d ⊙ D(x) A^T) B^T): only x and the two vectors have gradients
+            lambda x, lambda_d, lambda_b: vera_forward(x, A_vera, B_vera, lambda_d, lambda_b, mask),
+            vera_backward,
+            dict(x=arr(3, 5, 6), lambda_d=arr(3), lambda_b=arr(4)),
+        ),
     ]
     results = []
     for name, forward, backward, inputs in ops:
@@ -169,8 +179,14 @@ def full_report(seed: int = 0, device: str | None = None) -> list[CheckResult]:
     dora_config = LoraConfig(
         r=2, alpha=4, dropout=0.1, target_modules=targets_all, use_dora=True, dora_exact_grad=True
     )
-    models = (("gpt", None), ("gpt+lora", lora), ("gpt+dora", dora_config), ("gpt+qlora", lora))
-    for label, adapter in models:
+    vera_config = LoraConfig(r=2, dropout=0.1, target_modules=targets_all, use_vera=True)
+    adapters = (
+        ("gpt+lora", lora),
+        ("gpt+dora", dora_config),
+        ("gpt+vera", vera_config),
+        ("gpt+qlora", lora),
+    )
+    for label, adapter in (("gpt", None), *adapters):
         model = GPT(config, seed=seed, dtype="float64", device=device)
         randomize_for_check(model, seed)
         if label == "gpt+qlora":  # the linears' W in NF4, dequantized on every forward
