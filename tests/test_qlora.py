@@ -82,6 +82,24 @@ def test_only_the_adapters_train_on_a_quantized_base(tiny_config):
         assert r.passed(1e-6), r
 
 
+@pytest.mark.parametrize(
+    "variant", [dict(use_dora=True), dict(use_vera=True)], ids=["dora", "vera"]
+)
+def test_dora_and_vera_train_on_a_quantized_base(tiny_config, variant):
+    """QDoRA and VeRA over NF4: the adapter's own parameters, and only they, get gradients,
+    and DoRA's magnitude starts at the dequantized W's row norms (the model unchanged)."""
+    model = ml.GPT(tiny_config, seed=0, dtype="float64")
+    ml.quantize_base(model, "nf4")
+    idx, y = token_batch(tiny_config)
+    before = model.forward(idx)
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "v", "fc"), **variant))
+    np.testing.assert_allclose(model.forward(idx), before, rtol=0, atol=1e-12)
+    model.train()
+    model.loss(idx, y)
+    model.backward()
+    assert set(model.grads) == set(model.trainable_names()) and model.grads
+
+
 def test_quantize_after_adding_an_adapter_gives_the_same_model(tiny_config):
     a, b = random_model(tiny_config), random_model(tiny_config)
     quantize_base(a)

@@ -129,7 +129,7 @@ def dora_magnitudes(model: GPT, factors: Factors, config: LoraConfig) -> dict:
     out = {}
     for module, (A, B) in factors.items():
         on_device = (model.backend.asarray(a, dtype=model.dtype) for a in (A, B))
-        m = weight_norm(model.params[f"{module}.weight"], *on_device, config.scale)
+        m = weight_norm(model.weight(module), *on_device, config.scale)  # NF4: dequantized
         out[module] = (A, B, to_host(m))
     return out
 
