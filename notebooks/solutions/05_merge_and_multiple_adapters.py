@@ -39,7 +39,6 @@ def svd_combination(As, Bs, scales, weights, r):
     return A, B, float(error)
 
 
-# Not in the notebook (yet): `minilora exercises check safetensors_tensor --file THIS_FILE`.
 def safetensors_tensor(data, name):
     """The format by hand: length, JSON header, then raw little-endian bytes."""
     n = int.from_bytes(data[:8], "little")  # the header length
