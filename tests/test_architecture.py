@@ -46,6 +46,7 @@ SUBPACKAGES = {
         "runs",
         "experiments",
         "plots",
+        "update_plots",
         "figures",
         "claims",
         "claim_plots",

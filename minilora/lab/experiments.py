@@ -45,8 +45,9 @@ from minilora.lab.runs import (
     train_run,
 )
 from minilora.lab.sweep import run_sweep
+from minilora.training.data import PretrainTask
 from minilora.training.schedule import LORA_LR
-from minilora.training.train import TrainConfig, Trainer
+from minilora.training.train import TrainConfig, Trainer, evaluate
 
 __all__ = [  # one training run lives in runs.py; the tests and notebooks reach it from here
     "PLANTED_BLOCK",
@@ -95,12 +96,17 @@ def rank_sweep(
     steps: int | None = None,
     tasks: Sequence[str] = ("planted", "shift"),
     processes: int | None = None,
+    full: bool = True,
 ) -> list[Record]:
-    """Validation loss (and accuracy) against r; full fine-tuning as a reference."""
+    """Validation loss (and accuracy) against r; full fine-tuning as a reference
+    (``full=False`` leaves it out: more seeds for one rank, as figures.py adds them)."""
     settings = [
         {"task": t, "r": r, "steps": steps, "seed": s} for t in tasks for r in ranks for s in seeds
     ]
-    settings += [{"task": t, "r": None, "steps": steps, "seed": s} for t in tasks for s in seeds]
+    if full:
+        settings += [
+            {"task": t, "r": None, "steps": steps, "seed": s} for t in tasks for s in seeds
+        ]
     return runs(settings, processes, "rank sweep")
 
 
@@ -127,14 +133,16 @@ def scaling_across_ranks(
     seeds: Sequence[int] = (0, 1),
     steps: int = 200,
     processes: int | None = None,
+    rslora: Sequence[bool] = (False, True),
 ) -> list[Record]:
     """alpha/r against alpha/sqrt(r) (rsLoRA) at fixed alpha, across ranks: how fast each
     learns. With alpha/r the update's scale falls as r grows (the rsLoRA paper's claim
-    that it starves high ranks); with alpha/sqrt(r) it should not."""
+    that it starves high ranks); with alpha/sqrt(r) it should not. ``rslora``: the
+    scalings to run (one alone: more seeds for it, as figures.py adds them)."""
     settings = [
         {"task": "shift", "r": r, "alpha": alpha, "rslora": rs, "steps": steps, "seed": s}
         for r in ranks
-        for rs in (False, True)
+        for rs in rslora
         for s in seeds
     ]
     return runs(settings, processes, "scaling across ranks")
@@ -200,17 +208,31 @@ def step_costs(
 
 
 # ------------------------------------------------------------ 6. a fixed budget
-BUDGET_CONFIGS = ({"q": 8}, {"v": 8}, {"q,v": 4}, {"q,k,v,o": 2})  # 8 x 256 per block each
+# 10,240 parameters per block (40,960 in the model) in every configuration: a q, k, v or o
+# adapter costs r (128 + 128) per block, an fc or proj adapter r (128 + 512). 10,240 is
+# the smallest budget that both divide evenly, and q,k,v,o at r=10 learns shift (at the
+# first budget tried, 8,192, no configuration did).
+BUDGET_CONFIGS = (
+    {"q": 40},
+    {"v": 40},
+    {"q,v": 20},
+    {"q,k,v,o": 10},
+    {"fc": 16},
+    {"proj": 16},
+    {"fc,proj": 8},
+)
 
 
 def target_budget(
     seeds: Sequence[int] = (0, 1, 2),
     steps: int | None = None,
-    tasks: Sequence[str] = ("planted", "shift"),
+    tasks: Sequence[str] = ("shift",),
     processes: int | None = None,
 ) -> list[Record]:
     """The LoRA paper's Table 5 at toy scale: one budget of trainable parameters spent on
-    one matrix at r=8, two at r=4, or four at r=2."""
+    one attention matrix at r=40, two at r=20, four at r=10, or the MLP's fc and proj.
+    On shift only by default: the planted task's greedy labels reward sharpening the
+    base, not finding the planted change (figures/README.md), so it says little here."""
     settings = [
         {"task": t, "r": r, "targets": targets.split(","), "steps": steps, "seed": s}
         for t in tasks
@@ -224,34 +246,62 @@ def target_budget(
 # ------------------------------------------------- 7. subspace similarity (paper Eq. 4)
 def subspace_similarity(
     ranks: tuple[int, int] = (8, 64),
-    block: int = 3,
+    blocks: Sequence[int] = (0, 1, 2, 3),
     steps: int | None = None,
-    seed: int = 0,
+    seeds: Sequence[int] = (0, 1, 2),
     processes: int | None = None,
 ) -> list[Record]:
     """phi(i, j) = ||U_i^T V_j||_F^2 / min(i, j) between the top-i right singular vectors
-    of A learned at r = ranks[0] and the top-j of A at r = ranks[1] (q and v of one
-    block, on shift), and the same for random Gaussian matrices of the same shapes."""
-    modules = [f"h.{block}.attn.q", f"h.{block}.attn.v"]
+    of A learned at r = ranks[0] and the top-j of A at r = ranks[1] (q and v of each
+    block, on shift, per seed), and the same for random Gaussian matrices of the same
+    shapes. One record per (seed, module, source) holds the whole grid ``phi`` (a list
+    of ranks[0] rows of ranks[1] values); :func:`phi_floor` is what random gives."""
+    modules = [f"h.{b}.attn.{m}" for b in blocks for m in ("q", "v")]
     settings = [
-        {"task": "shift", "r": r, "steps": steps, "seed": seed, "keep": modules} for r in ranks
+        {"task": "shift", "r": r, "steps": steps, "seed": s, "keep": modules}
+        for s in seeds
+        for r in ranks
     ]
-    small, large = runs(settings, processes, "subspace runs")
-    rng = np.random.default_rng(seed)
+    done = runs(settings, processes, "subspace runs")
     records = []
-    for m in modules:
-        A_small, A_large = small[f"A:{m}"], large[f"A:{m}"]
-        for source, (a, b) in (
-            ("learned", (A_small, A_large)),
-            ("random", (rng.standard_normal(A_small.shape), rng.standard_normal(A_large.shape))),
-        ):
-            grid = _phi(a, b)
-            for i in range(grid.shape[0]):
-                for j in range(grid.shape[1]):
-                    records.append(
-                        {"module": m, "source": source, "i": i + 1, "j": j + 1, "phi": grid[i, j]}
-                    )
+    for k, seed in enumerate(seeds):
+        small, large = done[2 * k], done[2 * k + 1]
+        rng = np.random.default_rng([seed, 7])
+        for m in modules:
+            A_small, A_large = small[f"A:{m}"], large[f"A:{m}"]
+            for source, (a, b) in (
+                ("learned", (A_small, A_large)),
+                (
+                    "random",
+                    (rng.standard_normal(A_small.shape), rng.standard_normal(A_large.shape)),
+                ),
+            ):
+                records.append(
+                    {
+                        "seed": seed,
+                        "module": m,
+                        "block": int(m.split(".")[1]),
+                        "matrix": m.rsplit(".", 1)[1],
+                        "source": source,
+                        "steps": small["steps"],
+                        "r_small": A_small.shape[0],
+                        "r_large": A_large.shape[0],
+                        "d": A_small.shape[1],
+                        "phi": _phi(a, b).round(6).tolist(),
+                    }
+                )
     return records
+
+
+def phi_floor(r1: int, r2: int, d: int) -> np.ndarray:
+    """(r1, r2): the mean of phi(i, j) for random subspaces of R^d, max(i, j) / d.
+
+    A random j-dimensional subspace holds j/d of any unit vector's squared length, so
+    E||U_i^T V_j||_F^2 = i j / d, and dividing by min(i, j) leaves max(i, j) / d (the
+    j/d of the paper's i <= j). At d = 128 and j = 64 that is already 0.5."""
+    i = np.arange(1, r1 + 1)[:, None]
+    j = np.arange(1, r2 + 1)[None, :]
+    return np.maximum(i, j) / d
 
 
 def _phi(A1: np.ndarray, A2: np.ndarray) -> np.ndarray:
@@ -287,7 +337,15 @@ def delta_w_spectrum(
             s = np.linalg.svd(run[f"delta:{m}"], compute_uv=False)
             for k, value in enumerate(s[:32]):
                 records.append(
-                    {"mode": run["mode"], "r": run["r"], "module": m, "k": k + 1, "sigma": value}
+                    {
+                        "mode": run["mode"],
+                        "r": run["r"],
+                        "module": m,
+                        "steps": run["steps"],
+                        "seed": seed,
+                        "k": k + 1,
+                        "sigma": value,
+                    }
                 )
     return records
 
@@ -300,11 +358,16 @@ INIT_VARIANTS = {
 }
 
 
+BASE_OPS = ("copy", "rev", "upper")  # the base's own tasks (data.PretrainTask)
+
+
 def init_and_scaling(
-    seeds: Sequence[int] = (0, 1, 2), steps: int = 40, r: int = 8, processes: int | None = None
+    seeds: Sequence[int] = (0, 1, 2), steps: int = 300, r: int = 8, processes: int | None = None
 ) -> list[Record]:
-    """Loss over the first steps (and at step 0) and the size of ΔW, for B = 0 as taught
-    against both factors random, and Gaussian against Kaiming A."""
+    """Loss over the run (and at step 0) and the size of ΔW, for B = 0 as taught against
+    both factors random, and Gaussian against Kaiming A; and the validation loss on the
+    base's own tasks (copy, rev, upper) at step 0 and at the end: what the adapter costs
+    the base before it has learned anything."""
     settings = [
         {"task": "shift", "r": r, "steps": steps, "seed": s, "variant": name, **kw}
         for name, kw in INIT_VARIANTS.items()
@@ -332,16 +395,24 @@ def _init_run(
         seed=seed,
     )
     trainer = Trainer(model, task_obj, cfg, progress=False)  # run_sweep pins one BLAS thread
+    base_task = PretrainTask(tokenizer)
+    base_sets = {op: base_task.eval_batch(128, base_task.block_size, op=op) for op in BASE_OPS}
+    before = {f"{op}_loss_step0": evaluate(model, b)["loss"] for op, b in base_sets.items()}
     val0 = trainer.validate()["loss"]
     losses, norms = [], [_delta_norm(model, lcfg)]
     for _ in range(steps):
         losses.append(trainer.train_step())
         norms.append(_delta_norm(model, lcfg))
+    after = {f"{op}_loss_final": evaluate(model, b)["loss"] for op, b in base_sets.items()}
     return {
         "variant": variant,
         "seed": seed,
         "r": r,
+        "steps": steps,
         "val_loss_step0": val0,
+        "val_loss_final": trainer.validate()["loss"],
+        **before,
+        **after,
         "curve": losses,
         "delta_norm": norms,
     }

@@ -1,4 +1,5 @@
-"""The ten plots of figures/README.md: records in, a matplotlib figure out.
+"""The plots of figures/README.md: records in, a matplotlib figure out (the three of
+the learned update itself are in update_plots.py).
 
 Each ``plot_*`` takes ``{label: records}`` (the experiments a figure needs, by the
 labels of its entry in figures.py's registry) and returns the figure; figures.py runs
@@ -50,13 +51,53 @@ def _errorbar(ax: Any, xs: list, stats: list[tuple], **kw: Any) -> None:
     ax.errorbar(xs, means, yerr=err, capsize=3, marker="o", **kw)
 
 
-def _smooth(values: list[float], width: int = 9) -> np.ndarray:
+def smooth(values: list[float], width: int = 9) -> np.ndarray:
     """A centred moving average, so noisy per-batch losses show their trend."""
     values = np.asarray(values, dtype=float)
     width = max(1, min(width, len(values)))
     kernel = np.ones(width) / width
     padded = np.pad(values, (width // 2, width - 1 - width // 2), mode="edge")
     return np.convolve(padded, kernel, mode="valid")
+
+
+def runs_note(records: Records, by: Iterable[str] = ()) -> str:
+    """ "300 steps, 3 seeds (r=4: 7)": the steps and the seeds per point (per group of
+    ``by``), read from the records drawn, so a title states only what they hold."""
+    by = list(by)
+    parts = []
+    steps = sorted({r["steps"] for r in records if r.get("steps") is not None})
+    if steps:
+        parts.append(f"{' or '.join(str(n) for n in steps)} steps")
+    seeds: dict[tuple, set] = defaultdict(set)
+    for rec in (r for r in records if "seed" in r):
+        seeds[tuple(rec[b] for b in by)].add(rec["seed"])
+    counts = [len(v) for v in seeds.values()]
+    if counts:
+        usual = max(set(counts), key=counts.count)  # the most common count, then the others
+        others = [
+            ", ".join(f"{b}={v}" for b, v in zip(by, g, strict=True)) + f": {len(s)}"
+            for g, s in seeds.items()
+            if len(s) != usual
+        ]
+        parts.append(
+            f"{usual} seed{'s' if usual != 1 else ''}"
+            + (f" ({'; '.join(others)})" if others else "")
+        )
+    return ", ".join(parts)
+
+
+def _seed_points(ax: Any, records: Records, x: str, y: str, **kw: Any) -> list:
+    """Every run as a point (x, y) and a line through the means per x: a bimodal outcome
+    shows as two clusters, not as a mean that describes neither. Returns the x values."""
+    xs = sorted({r[x] for r in records})
+    color = kw.pop("color", None)
+    line = ax.plot(
+        xs, [np.mean([r[y] for r in records if r[x] == v]) for v in xs], color=color, **kw
+    )
+    ax.scatter(
+        [r[x] for r in records], [r[y] for r in records], color=line[0].get_color(), s=14, alpha=0.6
+    )
+    return xs
 
 
 def _seeds_note(records: Records) -> str:
@@ -99,8 +140,8 @@ def plot_params_vs_rank(data: dict[str, Records]) -> Any:
 
 def plot_rank_sweep(data: dict[str, Records]) -> Any:
     plt = pyplot()
-    records = data["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    records = data["runs"] + data.get("more_seeds", [])  # more seeds where it is bimodal
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     panels = [
         ("planted", "val_loss", "validation loss"),
         ("shift", "val_loss", "validation loss"),
@@ -109,16 +150,15 @@ def plot_rank_sweep(data: dict[str, Records]) -> Any:
     for ax, (task, key, label) in zip(axes, panels, strict=True):
         lora = [r for r in records if r["task"] == task and r["mode"] == "lora"]
         full = [r for r in records if r["task"] == task and r["mode"] == "full"]
-        stats = _spread(lora, key, ["r"])
-        ranks = sorted(g[0] for g in stats)
-        _errorbar(ax, ranks, [stats[(r,)] for r in ranks], label=f"LoRA on {lora[0]['targets']}")
+        ranks = _seed_points(ax, lora, "r", key, marker="", label=f"LoRA on {lora[0]['targets']}")
         if full:
-            m, lo, hi, _ = _spread(full, key, ["mode"])[("full",)]
-            ax.axhline(m, color="k", ls="--", label="full fine-tuning")
-            ax.axhspan(lo, hi, color="k", alpha=0.08)
+            values = [r[key] for r in full]
+            ax.axhline(np.mean(values), color="k", ls="--", label="full fine-tuning (mean)")
+            ax.axhspan(min(values), max(values), color="k", alpha=0.08)
         if task == "planted":
             ax.axvline(E.PLANTED_RANK, color="r", ls=":", label=f"planted rank {E.PLANTED_RANK}")
-        ax.set(xscale="log", xlabel="LoRA rank r", ylabel=label, title=f"{task}: {label}")
+        ax.set(xscale="log", xlabel="LoRA rank r", ylabel=label)
+        ax.set_title(f"{task}: {label}\n{runs_note(lora + full, ['r'])}", fontsize=10)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         if key == "val_loss":
             twin = ax.twinx()
@@ -127,46 +167,44 @@ def plot_rank_sweep(data: dict[str, Records]) -> Any:
             twin.set(yscale="log", ylabel="trainable parameters (gray)")
             twin.grid(False)
         ax.legend(fontsize=8)
-    steps = records[0]["steps"]
-    fig.suptitle(f"Rank sweep: {steps} steps per run, {_seeds_note(records)}")
+    fig.suptitle("Rank sweep: each dot one seed, line through the means; band: full, min to max")
     fig.tight_layout()
     return fig
 
 
 def plot_alpha_sweep(data: dict[str, Records]) -> Any:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     curves = data["alpha"]
     r = curves[0]["r"]
     for alpha in sorted({c["alpha"] for c in curves}):
         runs = np.array([c["curve"] for c in curves if c["alpha"] == alpha])
-        mean = _smooth(runs.mean(axis=0))
+        mean = smooth(runs.mean(axis=0))
         steps = np.arange(1, len(mean) + 1)
         line = left.plot(steps, mean, label=f"alpha={alpha:g} ({alpha / r:g} r, s={alpha / r:g})")
-        lo, hi = _smooth(runs.min(axis=0)), _smooth(runs.max(axis=0))
+        lo, hi = smooth(runs.min(axis=0)), smooth(runs.max(axis=0))
         left.fill_between(steps, lo, hi, color=line[0].get_color(), alpha=0.12)
-    left.set(
-        xlabel="step",
-        ylabel="training loss (moving average)",
-        yscale="log",
-        title=f"r={r}: alpha from r/2 to 8r, same learning rate",
+    left.set(xlabel="step", ylabel="training loss (moving average)", yscale="log")
+    left.set_title(
+        f"r={r}: alpha from r/2 to 8r, same learning rate\n"
+        f"{runs_note(curves, ['alpha'])}: mean, band min to max",
+        fontsize=10,
     )
     left.legend(fontsize=8)
-    scaling = data["scaling"]
+    scaling = data["scaling"] + data.get("more_seeds", [])  # more seeds where it is bimodal
     for rslora, label in ((False, "s = alpha / r"), (True, "s = alpha / sqrt(r) (rsLoRA)")):
         rows = [s for s in scaling if s["rslora"] == rslora]
-        stats = _spread(rows, "val_loss", ["r"])
-        ranks = sorted(g[0] for g in stats)
-        _errorbar(right, ranks, [stats[(k,)] for k in ranks], label=label)
-    right.set(
-        xscale="log",
-        xlabel="LoRA rank r",
-        ylabel="validation loss after the run",
-        title=f"alpha fixed at {scaling[0]['alpha']:g}, {scaling[0]['steps']} steps",
+        ranks = _seed_points(right, rows, "r", "val_loss", marker="", label=label)
+    alphas = sorted({s["alpha"] for s in scaling})
+    right.set(xscale="log", xlabel="LoRA rank r", ylabel="validation loss after the run")
+    right.set_title(
+        f"alpha fixed at {' or '.join(f'{a:g}' for a in alphas)}; each dot one seed, line: mean"
+        f"\n{runs_note(scaling, ['rslora', 'r'])}",
+        fontsize=10,
     )
     right.set_xticks(ranks, [str(k) for k in ranks])
     right.legend(fontsize=8)
-    fig.suptitle(f"Alpha and the scale of the update ({_seeds_note(curves)})")
+    fig.suptitle("Alpha and the scale of the update (shift)")
     fig.tight_layout()
     return fig
 
@@ -248,109 +286,28 @@ def plot_lora_vs_full(data: dict[str, Records]) -> Any:
 def plot_target_budget(data: dict[str, Records]) -> Any:
     plt = pyplot()
     records = data["runs"]
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2))
-    for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
+    panels = [(t, "val_loss", "validation loss") for t in dict.fromkeys(r["task"] for r in records)]
+    if any(r["task"] == "shift" for r in records):
+        panels.append(("shift", "val_exact", "exact answers (fraction)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8))
+    for ax, (task, key, label) in zip(np.atleast_1d(axes), panels, strict=True):
         rows = [r for r in records if r["task"] == task]
-        stats = _spread(rows, "val_loss", ["targets", "r"])
-        labels = [f"{t} @ r={r}" for (t, r) in stats]
-        means = [s[0] for s in stats.values()]
-        err = [[s[0] - s[1] for s in stats.values()], [s[2] - s[0] for s in stats.values()]]
-        ax.bar(labels, means, yerr=err, capsize=4, color=["C0", "C1", "C2", "C3"][: len(means)])
-        ax.set(ylabel="validation loss", title=f"{task}: {rows[0]['trainable']:,} parameters each")
-        low = min(s[1] for s in stats.values())
-        ax.set_ylim(low * 0.9, max(s[2] for s in stats.values()) * 1.05)
-    fig.suptitle(f"One budget, spent on one, two or four matrices ({_seeds_note(records)})")
-    fig.tight_layout()
-    return fig
-
-
-def plot_subspace_similarity(data: dict[str, Records]) -> Any:
-    plt = pyplot()
-    records = data["phi"]
-    modules = list(dict.fromkeys(r["module"] for r in records))
-    fig, axes = plt.subplots(len(modules), 2, figsize=(12, 2.6 * len(modules) + 0.8))
-    for row, m in enumerate(modules):
-        for col, source in enumerate(("learned", "random")):
-            pts = [r for r in records if r["module"] == m and r["source"] == source]
-            n_i, n_j = max(p["i"] for p in pts), max(p["j"] for p in pts)
-            grid = np.zeros((n_i, n_j))
-            for p in pts:
-                grid[p["i"] - 1, p["j"] - 1] = p["phi"]
-            ax = axes[row, col]
-            image = ax.imshow(
-                grid,
-                aspect="auto",
-                origin="lower",
-                vmin=0,
-                vmax=1,
-                cmap="viridis",
-                extent=(0.5, n_j + 0.5, 0.5, n_i + 0.5),
-            )
-            ax.set(
-                xlabel=f"j (top directions of A, r={n_j})",
-                ylabel=f"i (r={n_i})",
-                title=f"{m}: {source} A",
-            )
-            ax.grid(False)
-            fig.colorbar(image, ax=ax, label="phi(i, j)")
-    fig.suptitle("Subspace similarity between A learned at two ranks (LoRA paper, Eq. 4)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_delta_w_spectrum(data: dict[str, Records]) -> Any:
-    plt = pyplot()
-    records = data["sigma"]
-    modules = list(dict.fromkeys(r["module"] for r in records))
-    fig, axes = plt.subplots(1, len(modules), figsize=(6 * len(modules), 4.2))
-    for ax, m in zip(np.atleast_1d(axes), modules, strict=True):
-        runs = {(x["mode"], x["r"]) for x in records if x["module"] == m}
-        for mode, r in sorted(runs, key=lambda run: (run[0] == "full", run[1] or 0)):
-            pts = [x for x in records if x["module"] == m and x["mode"] == mode and x["r"] == r]
-            label = "full fine-tuning" if mode == "full" else f"LoRA r={r}"
-            ax.plot(
-                [p["k"] for p in pts],
-                [p["sigma"] for p in pts],
-                marker=".",
-                label=label,
-                color="k" if mode == "full" else None,
-            )
-        ax.axvline(E.PLANTED_RANK, color="r", ls=":", label=f"planted rank {E.PLANTED_RANK}")
-        ax.set(yscale="log", xlabel="k", ylabel="k-th singular value of ΔW", title=m)
-        ax.legend(fontsize=8)
-    fig.suptitle("Spectrum of the learned update on the planted task")
-    fig.tight_layout()
-    return fig
-
-
-def plot_init_and_scaling(data: dict[str, Records]) -> Any:
-    plt = pyplot()
-    records = data["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for variant in E.INIT_VARIANTS:
-        rows = [r for r in records if r["variant"] == variant]
-        curve = np.mean([r["curve"] for r in rows], axis=0)
-        step0 = np.mean([r["val_loss_step0"] for r in rows])
-        line = left.plot(np.arange(1, len(curve) + 1), curve, label=f"{variant}: val {step0:.2f}")
-        left.scatter([0], [step0], color=line[0].get_color(), marker="D")
-        norms = np.mean([r["delta_norm"] for r in rows], axis=0)
-        right.plot(np.arange(len(norms)), np.maximum(norms, 1e-8), label=variant)
-    left.set(
-        xlabel="step (diamond: validation loss at step 0)",
-        ylabel="training loss",
-        yscale="log",
-        title="Loss over the first steps",
-    )
-    right.set(
-        xlabel="step",
-        ylabel="||ΔW||_F over the adapted matrices",
-        yscale="log",
-        title="Size of the update (0 is drawn at 1e-8)",
-    )
-    left.legend(fontsize=8)
-    right.legend(fontsize=8)
-    fig.suptitle(f"Initialisation: B = 0 against both random ({_seeds_note(records)})")
+        configs = list(dict.fromkeys((r["targets"], r["r"]) for r in rows))
+        values = [[r[key] for r in rows if (r["targets"], r["r"]) == c] for c in configs]
+        x = np.arange(len(configs))
+        ax.bar(x, [np.mean(v) for v in values], color=[f"C{k}" for k in range(len(configs))])
+        for k, v in enumerate(values):  # every seed, over its bar
+            ax.scatter([k] * len(v), v, color="k", s=12, zorder=3)
+        ax.set_xticks(x, [f"{t} @ r={r}" for t, r in configs], rotation=30, ha="right")
+        ax.set_ylim(0, max(max(v) for v in values) * 1.08)  # bars start at 0
+        budget = sorted({r["trainable"] for r in rows})
+        ax.set(ylabel=label)
+        ax.set_title(
+            f"{task}: {label}, {' or '.join(f'{n:,}' for n in budget)} parameters each\n"
+            f"{runs_note(rows, ['targets', 'r'])}",
+            fontsize=10,
+        )
+    fig.suptitle("One budget, spent on one matrix or several (bar: mean, dots: seeds)")
     fig.tight_layout()
     return fig
 
