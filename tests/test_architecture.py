@@ -58,6 +58,7 @@ SUBPACKAGES = {
         "exercises.file_format",
         "exercises.family",
         "exercises.quantization",
+        "exercises.gpt2_layout",
         "exercises.__init__",
     ],
     "cli": ["demo", "commands", "main"],

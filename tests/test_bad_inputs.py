@@ -572,6 +572,19 @@ GPT2_CASES = [
         "gpt2_export_unknown", [*FT2, "--text", "{corpus}", "--export", "onnx"], _gpt2(), "--export"
     ),
     Case(
+        "gpt2_block_size_too_long",
+        [*FT2, "--text", "{corpus}", "--block-size", "17"],
+        _gpt2(),
+        "--block-size 17 is longer.*1 .. 16",
+    ),
+    Case("finetune_block_size_zero", [*FT, *FAST, "--block-size", "0"], None, "--block-size=0"),
+    Case(
+        "finetune_block_size_below_the_task",
+        [*FT, *FAST, "--task", "shift", "--block-size", "3"],
+        None,
+        "--block-size 3 is too short for the shift task",
+    ),
+    Case(
         "builtin_base_export_peft",
         [*FT, *FAST, "--text", "{corpus}", "--export", "peft"],
         None,

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_model
 
 import minilora as ml
 from minilora.cli.main import main
 from minilora.lab.exercises import family as D
 from minilora.lab.exercises import file_format as F
+from minilora.lab.exercises import gpt2_layout as G
 from minilora.lab.exercises import many_adapters as M
 from minilora.lab.exercises import one_layer as O
 from minilora.lab.exercises import quantization as Q
@@ -20,7 +22,7 @@ from minilora.lab.exercises import whole_model as W
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
 REFERENCE = {
-    n: getattr(m, n) for m in (O, W, M, F, D, Q) for n in dir(m) if n in ml.exercises.names()
+    n: getattr(m, n) for m in (O, W, M, F, D, Q, G) for n in dir(m) if n in ml.exercises.names()
 }
 
 
@@ -212,6 +214,16 @@ PLANTED = {
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, inverse=True), "upside down"),
         (lambda W_, dW, r: M._amplification_with(W_, dW, r, k=min(W_.shape)), "only the top r"),
     ],
+    "split_c_attn": [
+        (G._no_transpose, "each column block must be transposed"),
+        (G._rows, "cuts its rows instead"),
+        (G._interleaved, "not interleaved"),
+        (lambda W_, b: (*G.split_c_attn(W_, b)[:3], *G._interleaved(W_, b)[3:]), "not interleaved"),
+        (
+            lambda W_, b: tuple(G.split_c_attn(W_, b)[k] for k in (1, 0, 2, 4, 3, 5)),
+            "q, k, v order",
+        ),
+    ],
     "dora_backward": [
         (lambda *a: D._wrong(*a, exact=True), "that is the exact gradient"),
         (lambda *a: D._wrong(*a, dm_by_n=False), "dm is missing its 1/n"),
@@ -354,6 +366,22 @@ def test_safetensors_tensor_reads_what_the_library_reads():
         assert got.dtype == expected.dtype and got.shape == expected.shape
         assert got.tobytes() == expected.tobytes()
     assert len({case.args["name"] for case in cases}) == len(cases)
+
+
+def test_split_c_attn_splits_as_load_gpt2_does(tmp_path):
+    """The reference on a GPT-2 file the library wrote gives load_gpt2's q, k, v."""
+    from minilora.files.io import load_safetensors
+
+    config = ml.GPTConfig(vocab_size=11, block_size=4, n_layer=2, n_head=2, d_model=6)
+    ml.save_model(random_model(config, seed=3, dtype="float32"), tmp_path, format="hf")
+    tensors, _ = load_safetensors(tmp_path / "model.safetensors")
+    loaded = ml.load_gpt2(tmp_path)
+    for i in range(2):
+        c = f"transformer.h.{i}.attn.c_attn"
+        parts = G.split_c_attn(tensors[f"{c}.weight"], tensors[f"{c}.bias"])
+        for j, t in enumerate("qkv"):
+            np.testing.assert_array_equal(parts[j], loaded.params[f"h.{i}.attn.{t}.weight"])
+            np.testing.assert_array_equal(parts[3 + j], loaded.params[f"h.{i}.attn.{t}.bias"])
 
 
 # ------------------------------------------------------------------- worked solutions

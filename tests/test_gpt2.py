@@ -342,6 +342,25 @@ def test_cli_finetunes_a_gpt2_exports_peft_and_generates(tmp_path, capsys):
     )
 
 
+def test_cli_finetune_block_size_sets_the_training_windows(tmp_path, capsys):
+    """A GPT-2's context is 1024 tokens: --block-size trains on shorter windows."""
+    base = gpt2_fixture(tmp_path / "gpt2")
+    text = tmp_path / "my.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    fast = ["--steps", "1", "--batch-size", "2", "--eval-every", "0", "--eval-size", "2"]
+    runs = {}
+    for block in (None, 8):
+        out = tmp_path / f"run{block}"
+        extra = [] if block is None else ["--block-size", block]
+        assert cli("finetune", "--base", base, "--text", text, "--out", out, *fast, *extra) == 0
+        runs[block] = json.dumps(
+            [json.loads(p.read_text()) for p in sorted((out / "train").rglob("*.json"))]
+        )
+    capsys.readouterr()
+    assert '"block_size": 32' in runs[None] and '"block_size": 8' not in runs[None]
+    assert '"block_size": 8' in runs[8]
+
+
 def test_cli_full_finetune_of_a_gpt2_writes_a_gpt2_folder(tmp_path):
     base = gpt2_fixture(tmp_path / "gpt2")
     text = tmp_path / "my.txt"

@@ -211,6 +211,8 @@ def _check_finetune(args: Namespace) -> None:
         )
     if args.loraplus_ratio is not None:
         positive_real("--loraplus-ratio", args.loraplus_ratio)
+    if args.block_size is not None:
+        positive_int("--block-size", args.block_size)
     if args.full and args.loraplus_ratio is not None:
         raise ValueError(
             "--loraplus-ratio sets B's learning rate apart from A's; --full fine-tunes "
@@ -251,6 +253,25 @@ def _pretrain_block_size(args: Namespace, preset_block: int, task: Any) -> int:
         )
         return needed
     return preset_block
+
+
+def _finetune_block_size(args: Namespace, model_block: int, task: Any) -> int:
+    """--block-size, or the model's context shortened to the task's longest example (a
+    text file has none: a GPT-2 would train on windows of 1024 tokens, heavy on a CPU)."""
+    needed = getattr(task, "block_size", None)
+    if args.block_size is None:
+        return min(model_block, needed or model_block)
+    if args.block_size > model_block:
+        raise ValueError(
+            f"--block-size {args.block_size} is longer than the base model's context; "
+            f"allowed: 1 .. {model_block}"
+        )
+    if needed is not None and args.block_size < needed:
+        raise ValueError(
+            f"--block-size {args.block_size} is too short for the {task.name} task: its "
+            f"longest example needs {needed}"
+        )
+    return args.block_size
 
 
 def _task(name: str, text: str | None, tokenizer: CharTokenizer | None) -> Any:
@@ -348,7 +369,7 @@ def finetune(args: Namespace) -> int:
         vera = {"vera_d_initial", "vera_seed"} if lcfg.use_vera else set()
         lora = {k: v for k, v in lcfg.to_dict().items() if v or k not in off or k in vera}
         settings.update(mode="lora", lora=lora)
-    block = min(model.config.block_size, getattr(task, "block_size", model.config.block_size))
+    block = _finetune_block_size(args, model.config.block_size, task)
     trainer = Trainer(
         model,
         task,

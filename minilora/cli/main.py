@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", default=None, help="fine-tune on a UTF-8 text file instead (default: none)"
     )
     p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="context length T of the training windows, at most the base's (default: the "
+        "base's, or the task's longest example if shorter; a GPT-2's is 1024)",
+    )
+    p.add_argument(
         "--planted-rank",
         type=int,
         default=None,

@@ -25,6 +25,9 @@ from minilora.lab.exercises import file_format  # noqa: F401  (05, after the mer
 from minilora.lab.exercises import family  # noqa: F401  (08)
 
 # isort: split
+from minilora.lab.exercises import gpt2_layout  # noqa: F401  (09)
+
+# isort: split
 from minilora.lab.exercises.grader import (
     Case,
     CaseResult,
