@@ -91,7 +91,7 @@ class Exercise:
     """What to implement, the reference, and how to grade it."""
 
     name: str
-    notebook: str  # "01" .. "06"
+    notebook: str  # "01" .. "09", the notebook it belongs to
     statement: str
     reference: Callable[..., Any]
     cases: Callable[[np.random.Generator], list[Case]]
