@@ -45,6 +45,7 @@ SUBPACKAGES = {
         "runs",
         "experiments",
         "plots",
+        "variants",
         "figures",
         "exercises.grader",  # lab/exercises/, a package inside the lab: its modules,
         "exercises.one_layer",  # then its __init__, all before the lab's own __init__
