@@ -287,15 +287,13 @@ def plot_variants(data: dict[str, Records]) -> Any:
     twin.bar(xs + 0.2, [r["step_ms"] or 0 for r in rows], 0.4, color="C9", label="step (ms)")
     twin.set_ylabel("ms per training step (median)")
     twin.grid(False)
-    cost.set_title(
-        f"{task}: cost per step (batch 32)\n"
-        + ", ".join(
-            f"{r['variant']} {r['memory_mb']:.1f} MB {r['step_ms']:.0f} ms"
-            for r in rows
-            if r["step_ms"] is not None
-        ),
-        fontsize=8,
-    )
+    costs = [
+        f"{r['variant']} {r['memory_mb']:.1f} MB {r['step_ms']:.0f} ms"
+        for r in rows
+        if r["step_ms"] is not None
+    ]
+    lines = [", ".join(costs[k : k + 2]) for k in range(0, len(costs), 2)]  # fits the panel
+    cost.set_title("\n".join([f"{task}: cost per step (batch 32)", *lines]), fontsize=8)
     cost.legend(loc="upper left", fontsize=7)
     twin.legend(loc="upper right", fontsize=7)
     seeds = len({r["seed"] for r in records})
