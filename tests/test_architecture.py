@@ -47,6 +47,7 @@ SUBPACKAGES = {
         "experiments",
         "plots",
         "update_plots",
+        "variants",
         "figures",
         "claims",
         "claim_plots",

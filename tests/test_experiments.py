@@ -51,11 +51,11 @@ def test_a_training_run_is_a_deterministic_record():
 
 
 @pytest.mark.slow
-def test_quick_figures_draw_all_ten_with_their_data(tmp_path):
+def test_quick_figures_draw_all_eleven_with_their_data(tmp_path):
     from minilora.lab.figures import NAMES, make_figures
 
     written = make_figures(tmp_path, quick=True, log=lambda message: None)
-    assert [w["name"] for w in written] == list(NAMES) and len(NAMES) == 10
+    assert [w["name"] for w in written] == list(NAMES) and len(NAMES) == 11
     for name in NAMES:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         data = json.loads((tmp_path / f"{name}.json").read_text())

@@ -47,6 +47,7 @@ HOST_BOUNDARY = {
     "lab/experiments.py": "records for figures and notebooks: host values after to_host",
     "lab/plots.py": "plots of host values",
     "lab/update_plots.py": "plots of host values",
+    "lab/variants.py": "records for figure and notebook 08: medians and plots of host values",
     "lab/exercises/whole_model.py": "exercises grade learners' NumPy code on host arrays",
     "lab/exercises/many_adapters.py": "exercises grade learners' NumPy code on host arrays",
     "lab/exercises/file_format.py": "a file's bytes become host arrays, as in files/io.py",

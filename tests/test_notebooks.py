@@ -23,7 +23,7 @@ PATHS = notebooks()
 
 
 def test_the_notebooks_are_there():
-    assert [p.name[:2] for p in PATHS] == ["01", "02", "03", "04", "05", "06", "07", "09"]
+    assert [p.name[:2] for p in PATHS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])

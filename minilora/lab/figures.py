@@ -22,6 +22,7 @@ import numpy as np
 
 from minilora.files.io import atomic_write_bytes, load_json, save_json
 from minilora.lab import experiments as E
+from minilora.lab import variants as V
 from minilora.lab.plots import (
     plot_alpha_sweep,
     plot_dropout_sweep,
@@ -167,6 +168,19 @@ FIGURES = [
             )
         },
         plot_memory_breakdown,
+    ),
+    Figure(
+        "variants",
+        "What do DoRA, LoRA+ and an NF4 base (QLoRA) change against LoRA, at the same rank?",
+        {
+            "runs": (
+                V.compare_variants,
+                # planted too would double the time; notebook 08 runs it, smaller
+                {"tasks": ("shift",), "timing_steps": 5},
+                {**_QUICK_RUNS, "steps": 20, "timing_steps": 2},
+            )
+        },
+        V.plot_variants,
     ),
 ]
 NAMES = tuple(f.name for f in FIGURES)

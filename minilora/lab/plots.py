@@ -105,7 +105,7 @@ def _seeds_note(records: Records) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: mean, bars = min to max"
 
 
-# ------------------------------------------------------------------ the ten plots
+# ------------------------------------------------------------------ the plots
 def plot_params_vs_rank(data: dict[str, Records]) -> Any:
     plt = pyplot()
     records = data["counts"]
