@@ -14,6 +14,7 @@ from minilora.core.dora import dora_backward as library_dora_backward
 from minilora.core.dora import dora_forward, weight_norm
 from minilora.core.layers import as_rows, dropout_mask
 from minilora.lab.exercises.grader import Case, Exercise, Gradient, Mistake, register
+from minilora.lab.exercises.one_layer import LAYER_SETTINGS
 
 Array = Any
 
@@ -21,14 +22,8 @@ Array = Any
 def _dora_cases(rng: np.random.Generator) -> list[Case]:
     """Odd shapes, r = 1, a batch of sequences, dropout on and off, float32 once; B != 0
     and m away from ||W + s B A||, as after training (at init dA = 0 and g = 1)."""
-    settings = [  # label, leading shape, d_in, d_out, r, alpha, p, dtype, tolerance
-        ("5 rows, 7 -> 3, r=2", (5,), 7, 3, 2, 5.0, 0.0, np.float64, 1e-9),
-        ("r=1, dropout 0.2", (4,), 6, 5, 1, 3.0, 0.2, np.float64, 1e-9),
-        ("(2, 3) rows, r=3, dropout 0.25", (2, 3), 5, 4, 3, 4.5, 0.25, np.float64, 1e-9),
-        ("float32, 6 -> 6, r=2", (3,), 6, 6, 2, 5.0, 0.0, np.float32, 1e-5),
-    ]
     cases = []
-    for label, lead, d_in, d_out, r, alpha, p, dtype, tol in settings:
+    for label, lead, d_in, d_out, r, alpha, p, dtype, tol in LAYER_SETTINGS:
         s = alpha / r
         x = rng.standard_normal((*lead, d_in)).astype(dtype)
         W = rng.standard_normal((d_out, d_in)).astype(dtype)

@@ -27,16 +27,20 @@ MASK_NOT_ON_BACKWARD = (
 
 
 # ------------------------------------------------------------------ the cases
+# label, leading shape, d_in, d_out, r, alpha, p, dtype, tolerance: odd shapes, r = 1, a
+# batch of sequences, dropout on and off, float32 once (family.py's DoRA cases reuse it)
+LAYER_SETTINGS = (
+    ("5 rows, 7 -> 3, r=2", (5,), 7, 3, 2, 5.0, 0.0, np.float64, 1e-9),
+    ("r=1, dropout 0.2", (4,), 6, 5, 1, 3.0, 0.2, np.float64, 1e-9),
+    ("(2, 3) rows, r=3, dropout 0.25", (2, 3), 5, 4, 3, 4.5, 0.25, np.float64, 1e-9),
+    ("float32, 6 -> 6, r=2", (3,), 6, 6, 2, 5.0, 0.0, np.float32, 1e-5),
+)
+
+
 def _lora_cases(rng: np.random.Generator) -> list[Case]:
     """Odd shapes, r = 1, a batch of sequences, dropout on and off, float32 once."""
-    settings = [  # label, leading shape, d_in, d_out, r, alpha, p, dtype, tolerance
-        ("5 rows, 7 -> 3, r=2", (5,), 7, 3, 2, 5.0, 0.0, np.float64, 1e-9),
-        ("r=1, dropout 0.2", (4,), 6, 5, 1, 3.0, 0.2, np.float64, 1e-9),
-        ("(2, 3) rows, r=3, dropout 0.25", (2, 3), 5, 4, 3, 4.5, 0.25, np.float64, 1e-9),
-        ("float32, 6 -> 6, r=2", (3,), 6, 6, 2, 5.0, 0.0, np.float32, 1e-5),
-    ]
     cases = []
-    for label, lead, d_in, d_out, r, alpha, p, dtype, tol in settings:
+    for label, lead, d_in, d_out, r, alpha, p, dtype, tol in LAYER_SETTINGS:
         s = alpha / r
         x = rng.standard_normal((*lead, d_in)).astype(dtype)
         A = rng.standard_normal((r, d_in)).astype(dtype)
