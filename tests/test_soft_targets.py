@@ -159,3 +159,57 @@ def test_principal_cosines():
     assert max(other["col"] + other["row"]) < 0.9
     rank1 = principal_cosines(np.outer(U[:, 0], V[:, 0]), U, V)  # one direction: one cosine
     assert rank1["col"] == pytest.approx([1.0])
+
+
+def test_centred_rows_plant_only_what_a_layer_norm_output_can_show():
+    """centred_rows: V is orthogonal to the all-ones vector on targets fed by a layer
+    norm (q, k, v, fc); U, and every target fed by something else (o, proj), unchanged."""
+    base = GPT(CFG, seed=0)
+    kw = {"rank": 2, "targets": ("v", "fc", "proj"), "blocks": (0,), "seed": 5}
+    plain = PlantedRankTask(base, None, **kw)
+    centred = PlantedRankTask(base, None, centred_rows=True, **kw)
+    for module in ("h.0.attn.v", "h.0.mlp.fc"):
+        U, V = centred.factors[module]
+        np.testing.assert_allclose(V.sum(axis=0), 0.0, atol=1e-12)
+        np.testing.assert_allclose(V.T @ V, np.eye(2), atol=1e-12)
+        np.testing.assert_array_equal(U, plain.factors[module][0])
+        assert np.abs(plain.factors[module][1].sum(axis=0)).max() > 1e-3
+    np.testing.assert_array_equal(centred.delta["h.0.mlp.proj"], plain.delta["h.0.mlp.proj"])
+    with pytest.raises(TypeError, match="centred_rows"):
+        PlantedRankTask(base, None, centred_rows="yes", **kw)
+
+
+def test_no_gradient_reaches_A_along_the_all_ones_direction():
+    """A layer norm's output (gain 1, bias 0) has zero mean over features, so
+    dA = dU^T X is orthogonal to the all-ones vector: LoRA's A keeps its init there,
+    which is why principal_cosines(centre_rows=True) compares the centred ΔW."""
+    model = GPT(CFG, seed=0, dtype="float64")
+    add_adapter(model, LoraConfig(2, 4.0, 0.0, ("fc", "proj")), seed=0)
+    for name in model.trainable_names():  # B != 0, so that dA is not 0 for a trivial reason
+        if ".lora_B." in name:
+            model.params[name][...] = np.random.default_rng(1).normal(
+                0, 0.1, model.params[name].shape
+            )
+    idx = np.random.default_rng(2).integers(0, CFG.vocab_size, (4, 16))
+    model.loss(idx, np.roll(idx, -1, axis=1))
+    model.backward()
+    dA = model.grads["h.0.mlp.fc.lora_A.default"]
+    assert np.abs(dA).max() > 1e-6
+    np.testing.assert_allclose(dA.sum(axis=1), 0.0, atol=1e-12 * np.abs(dA).max() * 32)
+    # proj's input is GELU's output, which has no such constraint
+    assert np.abs(model.grads["h.0.mlp.proj.lora_A.default"].sum(axis=1)).max() > 1e-6
+
+
+def test_principal_cosines_centre_rows_ignores_the_unseen_direction():
+    """A ΔW that equals the planted one plus a part along the all-ones row direction:
+    its raw cosines fall below 1, its centred ones are 1."""
+    rng = np.random.default_rng(6)
+    U, _ = np.linalg.qr(rng.standard_normal((40, 2)))
+    G = rng.standard_normal((24, 2))
+    V, _ = np.linalg.qr(G - G.mean(axis=0))
+    planted = U @ np.diag([2.0, 1.0]) @ V.T
+    learned = planted + np.outer(U @ np.array([1.5, -2.0]), np.ones(24))
+    raw = principal_cosines(learned, U, V)
+    centred = principal_cosines(learned, U, V, centre_rows=True)
+    assert min(raw["row"]) < 0.9
+    np.testing.assert_allclose(centred["row"] + centred["col"], 1.0, atol=1e-12)

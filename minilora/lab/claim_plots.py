@@ -30,13 +30,17 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 
     ax = axes[0]  # every seed a point: outcomes may be bimodal
+    # a KL at or below the exact answer's (float32 round-off; it can be negative) is
+    # drawn on that floor: a log axis has no room for it, and nothing tells it apart
+    floor = max(abs(single["floor_kl"]), 1e-12)
     for r in ranks:
-        kls = [x["kl"] for x in runs if x["r"] == r]
+        kls = [max(x["kl"], floor) for x in runs if x["r"] == r]
         ax.scatter([r] * len(kls), kls, color="C0", alpha=0.6, s=18)
-    means = [float(np.mean([x["kl"] for x in runs if x["r"] == r])) for r in ranks]
+    means = [max(float(np.mean([x["kl"] for x in runs if x["r"] == r])), floor) for r in ranks]
     ax.plot(ranks, means, color="C0", label="mean over seeds")
     kl0 = float(np.mean([x["kl0"] for x in runs]))
     ax.axhline(kl0, color="gray", ls=":", label=f"before training ({kl0:.2g})")
+    ax.axhline(floor, color="k", ls="-.", lw=0.8, label=f"exact answer, float32 ({floor:.1g})")
     k = res["settings"].get("plant_rank", 4)
     ax.axvline(k, color="C3", ls="--", label=f"planted rank k = {k}")
     ax.set(
@@ -62,7 +66,7 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
         ylim=(0, 1.02),
         xlabel="LoRA rank r",
         ylabel="smallest principal cosine",
-        title="Learned ΔW vs the planted U, V (top min(r, k) directions)"
+        title="Learned ΔW (rows centred) vs the planted U, V, top min(r, k) directions"
         + (f"\nd = {d:.0f}" if d else ""),
     )
     ax.set_xticks(ranks, [str(r) for r in ranks])

@@ -29,6 +29,7 @@ import numpy as np
 
 from minilora.basics.backend import to_host
 from minilora.basics.checks import (
+    boolean,
     distinct_indices,
     distinct_names,
     one_of,
@@ -41,6 +42,9 @@ from minilora.core.tokenizer import CharTokenizer
 from minilora.training.batches import EVAL_SEED_OFFSET, Batch, SeedLike, lm_windows
 from minilora.training.data import PretrainTask
 
+LAYER_NORM_FED = ("q", "k", "v", "fc")
+"""The targets whose input is a layer norm's output (ln_1 for attention, ln_2 for fc)."""
+
 
 class PlantedRankTask:
     """Imitate ``base`` + a planted rank-``rank`` change on ``targets`` of ``blocks``.
@@ -48,7 +52,10 @@ class PlantedRankTask:
     ``blocks``: the blocks that get the change (None: every block). ``labels``:
     "greedy" (the teacher's argmax, int targets) or "soft" (its distribution, float
     (B, T, V) targets). ``sigmas``: the k singular values relative to
-    strength * ||W||_2, largest first (None: all 1, as U V^T).
+    strength * ||W||_2, largest first (None: all 1, as U V^T). ``centred_rows``:
+    draw V orthogonal to the all-ones vector on the targets fed by a layer norm, whose
+    output has zero mean over features (exactly, with its initial gain 1 and bias 0):
+    no data can show a change along that direction, so none could be recovered.
     """
 
     name = "planted"
@@ -64,6 +71,7 @@ class PlantedRankTask:
         blocks: tuple[int, ...] | None = None,
         labels: str = "greedy",
         sigmas: tuple[float, ...] | None = None,
+        centred_rows: bool = False,
     ) -> None:
         rank = positive_int("planted rank", rank)
         if rank > base.config.d_model:
@@ -79,6 +87,7 @@ class PlantedRankTask:
             raise ValueError(f"sigmas={sigmas!r} must hold rank={rank} values")
         sigmas = tuple(positive_real("planted sigma", v) for v in sigmas)
         self.sigmas = sigmas
+        self.centred_rows = centred_rows = boolean("centred_rows", centred_rows)
         self.rank, self.targets, self.strength = int(rank), tuple(targets), float(strength)
         self.description = (
             f"imitate the base plus a planted rank-{rank} change on {','.join(targets)}"
@@ -97,7 +106,13 @@ class PlantedRankTask:
                 W = state[name].astype(np.float64)
                 # drawn for every block, so a block's change is the same whichever are planted
                 U, _ = np.linalg.qr(rng.standard_normal((W.shape[0], self.rank)))
-                V, _ = np.linalg.qr(rng.standard_normal((W.shape[1], self.rank)))
+                G = rng.standard_normal((W.shape[1], self.rank))
+                if centred_rows and t in LAYER_NORM_FED:
+                    # a layer norm's output (gain 1, bias 0) sums to zero over features,
+                    # so ΔW's action on the all-ones direction never reaches the data:
+                    # plant only what a learner could see
+                    G -= G.mean(axis=0)
+                V, _ = np.linalg.qr(G)
                 if i not in self.blocks:
                     continue
                 scale = strength * np.linalg.norm(W, 2) * np.asarray(sigmas)
@@ -131,7 +146,9 @@ class PlantedRankTask:
         return self.delta[module]
 
 
-def principal_cosines(learned: np.ndarray, U: np.ndarray, V: np.ndarray) -> dict[str, list]:
+def principal_cosines(
+    learned: np.ndarray, U: np.ndarray, V: np.ndarray, centre_rows: bool = False
+) -> dict[str, list]:
     """Cosines of the principal angles between the learned ΔW's top directions and the
     planted ones, largest first: "col" against span(U), "row" against span(V).
 
@@ -139,8 +156,17 @@ def principal_cosines(learned: np.ndarray, U: np.ndarray, V: np.ndarray) -> dict
     m = min(k, rank) left and right singular vectors are compared: cosines are the
     singular values of U_learned^T U (m of them). 1 means the direction is recovered;
     random m-dimensional subspaces of R^d give cosines of order sqrt(k/d).
+
+    ``centre_rows``: compare ΔW (I - 1 1^T / d_in), the part of it that the data can
+    see, when the layer's input is a layer norm's output (zero mean over features):
+    no gradient reaches A along the all-ones direction (dA = dU^T X, and every row of
+    X is orthogonal to it), so LoRA's A keeps there whatever its random init put, and
+    that part of ΔW = BA changes no output.
     """
-    P, s, Qt = np.linalg.svd(np.asarray(learned, dtype=np.float64), full_matrices=False)
+    learned = np.asarray(learned, dtype=np.float64)
+    if centre_rows:
+        learned = learned - learned.mean(axis=1, keepdims=True)
+    P, s, Qt = np.linalg.svd(learned, full_matrices=False)
     m = min(U.shape[1], int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 0)
     if m == 0:
         return {"col": [0.0] * U.shape[1], "row": [0.0] * V.shape[1]}
