@@ -66,8 +66,8 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
         ylim=(0, 1.02),
         xlabel="LoRA rank r",
         ylabel="smallest principal cosine",
-        title="Learned ΔW (rows centred) vs the planted U, V, top min(r, k) directions"
-        + (f"\nd = {d:.0f}" if d else ""),
+        title="Learned ΔW (rows centred) vs the planted U, V:\ntop min(r, k) directions"
+        + (f", d = {d:.0f}" if d else ""),
     )
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xticks([], minor=True)

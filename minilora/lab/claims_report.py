@@ -188,6 +188,11 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     knee = kl[4] <= 1.1 * kl[top] and (below is None or kl[4] < 0.5 * kl[below])
     ok = [knee, cos4 >= 0.9]
     shown = [r for r in (below, C.PLANT_RANK, top) if r is not None]
+    ey = {  # r < k: distance to the best rank-r approximation (Eckart-Young), its range
+        r: [v for x in single["runs"] if x["r"] == r for k, v in x.items() if "ey_error" in k]
+        for r in kl
+        if r < C.PLANT_RANK
+    }
     add(
         "planted_rank",
         "The update has a low intrinsic rank and LoRA with r >= k recovers "
@@ -208,6 +213,14 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "; a larger r converges faster, so after a fixed number of steps its KL is "
             "lower even where both have found the planted change"
             if not knee and cos4 >= 0.9
+            else ""
+        )
+        + (
+            ". Below k the learned ΔW is not the SVD truncation of the planted one: "
+            "||ΔW - best rank-r|| / ||best rank-r|| = "
+            + ", ".join(f"{min(v):.2f} to {max(v):.2f} at r = {r}" for r, v in ey.items())
+            + " (the loss is a KL between outputs, not a distance between matrices)"
+            if ey
             else ""
         ),
     )
