@@ -1,5 +1,5 @@
-"""The figure of ``minilora reproduce``: the planted rank's knee, its recovery, and how
-much of full fine-tuning's gain survives truncating ΔW to rank k.
+"""The figure of ``minilora reproduce``: the planted rank's knee, its recovery, how
+much of full fine-tuning's gain survives truncating ΔW to rank k, and Table 7.
 
 Every number in the titles is read from the report's own JSON (``data``), never typed.
 """
@@ -19,7 +19,7 @@ def _min_cos(run: dict[str, Any]) -> float:
 
 
 def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
-    """Three panels from claims.json's results; writes ``path`` and returns the figure."""
+    """Four panels from claims.json's results; writes ``path`` and returns the figure."""
     plt = pyplot()
     res = data["results"]
     single = res["single"]
@@ -27,7 +27,7 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
     ranks = sorted({r["r"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     steps = runs[0]["steps"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
 
     ax = axes[0]  # every seed a point: outcomes may be bimodal
     # a KL at or below the exact answer's (float32 round-off; it can be negative) is
@@ -87,6 +87,25 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
     )
     ax.set_xticks([r["k"] for r in rows], [str(r["k"]) for r in rows])
     ax.set_xticks([], minor=True)
+
+    ax = axes[3]  # Table 7: how much of W lies in each set of r directions
+    rows = s7["table7"]
+    kinds = (
+        ("proj_delta_dirs", "ΔW's top r", "C0"),
+        ("proj_W_dirs", "W's top r", "C1"),
+        ("proj_random_dirs", "random r", "C7"),
+    )
+    x = np.arange(len(rows))
+    for i, (key, label, color) in enumerate(kinds):
+        ax.bar(x + (i - 1) * 0.27, [row[key] for row in rows], 0.27, label=label, color=color)
+    ax.set_xticks(x, [f"r = {row['r']}" for row in rows])
+    factors = ", ".join(f"{row['factor']:.1f} (r = {row['r']})" for row in rows)
+    ax.set(
+        ylabel="||U^T W V^T||_F",
+        title=f"Table 7 on {s7['module']}: W projected on r directions\n"
+        f"||ΔW||_F / ||U^T W V^T||_F = {factors}",
+    )
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

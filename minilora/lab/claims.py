@@ -38,12 +38,18 @@ from minilora.core.adapters import add_adapter
 from minilora.core.lora import LoraConfig, delta_weight, lora_names
 from minilora.core.model import GPT, GPTConfig
 from minilora.files.checkpoints import load_base
-from minilora.lab.runs import FULL_LR, TASK_DEFAULTS, Record, task_for, train_run
+from minilora.lab.runs import (
+    FULL_LR,
+    TASK_DEFAULTS,
+    Record,
+    experiment_trainer,
+    task_for,
+    train_run,
+)
 from minilora.lab.sweep import run_sweep
 from minilora.training.data import PretrainTask
 from minilora.training.planted import LAYER_NORM_FED, PlantedRankTask, principal_cosines
-from minilora.training.schedule import TrainConfig
-from minilora.training.train import Trainer, evaluate
+from minilora.training.train import evaluate
 
 TINY = GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, d_model=32)
 PLANT_RANK = 4
@@ -92,8 +98,7 @@ def floor_kl(setting: str = "single") -> float:
         a, b = lora_names(module, "default")
         model.params[a][...] = model.xp.asarray(V.T, dtype=model.dtype)
         model.params[b][...] = model.xp.asarray(U * sigma / lcfg.scale, dtype=model.dtype)
-    cfg = TrainConfig(steps=1, batch_size=BATCH, block_size=TINY.block_size, eval_size=64)
-    return evaluate(model.eval(), Trainer(model, task, cfg, progress=False).eval_batch)["kl"]
+    return evaluate(model.eval(), task.eval_batch(64, TINY.block_size, seed=0))["kl"]
 
 
 def planted_run(
@@ -113,17 +118,7 @@ def planted_run(
     targets = tuple(targets or SETTINGS[setting]["targets"])
     lcfg = LoraConfig(r, 2.0 * r, 0.0, targets)
     add_adapter(model, lcfg, seed=seed)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=BATCH,
-        block_size=TINY.block_size,
-        lr=lr,
-        warmup=steps // 20,
-        eval_every=0,
-        eval_size=64,
-        seed=seed,
-    )
-    trainer = Trainer(model, task, cfg, progress=False)  # run_sweep pins one BLAS thread
+    trainer = experiment_trainer(model, task, steps, TINY.block_size, lr, seed, BATCH, 64)
     kl0 = evaluate(model, trainer.eval_batch)["kl"]
     trainer.run()
     record: Record = {
@@ -319,17 +314,7 @@ def full_linears_run(
     model.freeze("*")
     model.unfreeze("h.*.attn.*.weight", "h.*.mlp.*.weight")
     W0 = {n: to_host(model.params[n]).astype(np.float64) for n in model.trainable_names()}
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=32,
-        block_size=block,
-        lr=FULL_LR,
-        warmup=max(1, steps // 20),
-        eval_every=0,
-        eval_size=256,
-        seed=0,
-    )
-    trainer = Trainer(model, task, cfg, progress=False)
+    trainer = experiment_trainer(model, task, steps, block, FULL_LR, seed=0)
     base_loss = evaluate(model, trainer.eval_batch)["loss"]
     trainer.run()
     full_loss = trainer.last_validation["loss"]

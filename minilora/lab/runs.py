@@ -39,6 +39,34 @@ TASK_DEFAULTS = {  # targets and steps per task (module docstring)
 
 
 # ------------------------------------------------------------------ one training run
+def experiment_trainer(
+    model: Any,
+    task: Any,
+    steps: int,
+    block_size: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 32,
+    eval_size: int = 256,
+    loraplus_lr_ratio: float | None = None,
+) -> Trainer:
+    """The trainer every experiment uses: warm-up over the first 5% of the steps,
+    validation only at the end, no progress bar, and one BLAS thread, as in a sweep,
+    so a run gives the same numbers whoever calls it (blas.py)."""
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        block_size=block_size,
+        lr=lr,
+        warmup=max(1, steps // 20),
+        eval_every=0,
+        eval_size=eval_size,
+        seed=seed,
+        loraplus_lr_ratio=loraplus_lr_ratio,
+    )
+    return Trainer(model, task, cfg, progress=False, threads=1)
+
+
 def task_for(name: str, model: Any, tokenizer: Any) -> tuple[Any, int]:
     if name == "planted":  # the teacher is this base plus a fixed rank-4 change of q and v
         return PlantedRankTask(model, tokenizer, rank=PLANTED_RANK, seed=0), PLANTED_BLOCK
@@ -85,18 +113,7 @@ def train_run(
         lcfg = LoraConfig(r, alpha, dropout, targets, init, rslora)
         adapt(model, lcfg, random_B, seed)
     lr = lr if lr is not None else (LORA_LR if r is not None else FULL_LR)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        block_size=block,
-        lr=lr,
-        warmup=max(1, steps // 20),
-        eval_every=0,
-        eval_size=eval_size,
-        seed=seed,
-    )
-    # one BLAS thread, as in a sweep: the same numbers whoever calls it (blas.py)
-    trainer = Trainer(model, task_obj, cfg, progress=False, threads=1)
+    trainer = experiment_trainer(model, task_obj, steps, block, lr, seed, batch_size, eval_size)
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start

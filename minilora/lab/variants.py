@@ -38,11 +38,10 @@ from minilora.core.optim import AdamW
 from minilora.core.qlora import quantize_base
 from minilora.files.checkpoints import load_base
 from minilora.lab.reference import training_step
-from minilora.lab.runs import TASK_DEFAULTS, Record, task_for
+from minilora.lab.runs import TASK_DEFAULTS, Record, experiment_trainer, task_for
 from minilora.lab.sweep import run_sweep
 from minilora.lab.timing import time_alternately
 from minilora.training.schedule import LORA_LR
-from minilora.training.train import TrainConfig, Trainer
 
 Records = list[Record]
 
@@ -115,18 +114,17 @@ def variant_run(
     spec = _check_spec(spec)
     steps = steps or TASK_DEFAULTS[task]["steps"]
     model, lcfg, task_obj, block = _adapted_model(spec, task, r, seed)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        block_size=block,
-        lr=LORA_LR,
-        warmup=max(1, steps // 20),
-        eval_every=0,
-        eval_size=eval_size,
-        seed=seed,
+    trainer = experiment_trainer(
+        model,
+        task_obj,
+        steps,
+        block,
+        LORA_LR,
+        seed,
+        batch_size,
+        eval_size,
         loraplus_lr_ratio=spec.get("loraplus_lr_ratio"),
     )
-    trainer = Trainer(model, task_obj, cfg, progress=False, threads=1)  # as a sweep's runs
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start
