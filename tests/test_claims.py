@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from minilora.cli.main import main
+from minilora.lab import claims as C
 from minilora.lab import claims_report as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,15 @@ def test_quick_rerun_matches_the_committed_quick_report(tmp_path):
     new = json.loads((out / "claims_quick.json").read_text())["claims"]
     old = json.loads(QUICK.read_text())["claims"]
     assert R.compare(new, old) == []
+
+
+def test_planted_run_gives_the_same_numbers_whoever_calls_it():
+    """A run pins one BLAS thread itself (the teacher's labels and the KL before
+    training included), so a notebook's plain call equals the sweep's, bit for bit."""
+    from minilora.basics.blas import limited_threads
+
+    plain = C.planted_run(r=2, steps=30, seed=1)
+    with limited_threads(1):
+        pinned = C.planted_run(r=2, steps=30, seed=1)
+    for key in ("kl0", "kl", "curve"):
+        assert plain[key] == pinned[key]

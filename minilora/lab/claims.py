@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import to_host
+from minilora.basics.blas import limited_threads
 from minilora.core.adapters import add_adapter
 from minilora.core.lora import LoraConfig, delta_weight, lora_names
 from minilora.core.model import GPT, GPTConfig
@@ -114,42 +115,44 @@ def planted_run(
     after, and for every planted module the principal cosines of the learned ΔW with
     the planted U, V, and its distance to the best rank-min(r, k) approximation of the
     planted ΔW (Eckart–Young: its top min(r, k) singular triplets)."""
-    model, task = planted_task(setting)
-    targets = tuple(targets or SETTINGS[setting]["targets"])
-    lcfg = LoraConfig(r, 2.0 * r, 0.0, targets)
-    add_adapter(model, lcfg, seed=seed)
-    trainer = experiment_trainer(model, task, steps, TINY.block_size, lr, seed, BATCH, 64)
-    kl0 = evaluate(model, trainer.eval_batch)["kl"]
-    trainer.run()
-    record: Record = {
-        "setting": setting,
-        "r": r,
-        "targets": ",".join(targets),
-        "lr": lr,
-        "seed": seed,
-        "steps": steps,
-        "kl0": kl0,
-        "kl": trainer.last_validation["kl"],
-        "curve": [row["loss"] for row in trainer.history if "loss" in row],
-    }
-    m = min(r, PLANT_RANK)
-    for module, planted in task.delta.items():
-        if module.rsplit(".", 1)[1] not in targets:
-            continue
-        A, B = (to_host(model.params[n]).astype(np.float64) for n in lora_names(module, "default"))
-        learned = delta_weight(A, B, lcfg.scale)
-        U, V = task.factors[module]
-        centre = module.rsplit(".", 1)[1] in LAYER_NORM_FED
-        cos = principal_cosines(learned, U[:, :m], V[:, :m], centre_rows=centre)
-        best = (U[:, :m] * (np.linalg.svd(planted, compute_uv=False)[:m])) @ V[:, :m].T
-        seen = learned - learned.mean(axis=1, keepdims=True) if centre else learned
-        record[f"cos_col:{module}"] = cos["col"]
-        record[f"cos_row:{module}"] = cos["row"]
-        # the same, on the whole ΔW: what the ones direction (never seen) does to it
-        record[f"raw_cos_row:{module}"] = principal_cosines(learned, U[:, :m], V[:, :m])["row"]
-        record[f"ey_error:{module}"] = float(np.linalg.norm(seen - best) / np.linalg.norm(best))
-        record[f"A:{module}"] = A
-    return record
+    with limited_threads(1):  # as in a sweep: the same numbers whoever calls it
+        model, task = planted_task(setting)
+        targets = tuple(targets or SETTINGS[setting]["targets"])
+        lcfg = LoraConfig(r, 2.0 * r, 0.0, targets)
+        add_adapter(model, lcfg, seed=seed)
+        trainer = experiment_trainer(model, task, steps, TINY.block_size, lr, seed, BATCH, 64)
+        kl0 = evaluate(model, trainer.eval_batch)["kl"]
+        trainer.run()
+        record: Record = {
+            "setting": setting,
+            "r": r,
+            "targets": ",".join(targets),
+            "lr": lr,
+            "seed": seed,
+            "steps": steps,
+            "kl0": kl0,
+            "kl": trainer.last_validation["kl"],
+            "curve": [row["loss"] for row in trainer.history if "loss" in row],
+        }
+        m = min(r, PLANT_RANK)
+        for module, planted in task.delta.items():
+            if module.rsplit(".", 1)[1] not in targets:
+                continue
+            names = lora_names(module, "default")
+            A, B = (to_host(model.params[n]).astype(np.float64) for n in names)
+            learned = delta_weight(A, B, lcfg.scale)
+            U, V = task.factors[module]
+            centre = module.rsplit(".", 1)[1] in LAYER_NORM_FED
+            cos = principal_cosines(learned, U[:, :m], V[:, :m], centre_rows=centre)
+            best = (U[:, :m] * (np.linalg.svd(planted, compute_uv=False)[:m])) @ V[:, :m].T
+            seen = learned - learned.mean(axis=1, keepdims=True) if centre else learned
+            record[f"cos_col:{module}"] = cos["col"]
+            record[f"cos_row:{module}"] = cos["row"]
+            # the same, on the whole ΔW: what the ones direction (never seen) does to it
+            record[f"raw_cos_row:{module}"] = principal_cosines(learned, U[:, :m], V[:, :m])["row"]
+            record[f"ey_error:{module}"] = float(np.linalg.norm(seen - best) / np.linalg.norm(best))
+            record[f"A:{module}"] = A
+        return record
 
 
 def tune_lr(
@@ -308,24 +311,26 @@ def full_linears_run(
     embeddings and layer norms stay frozen) on shift; then each matrix's ΔW truncated
     to rank k (its top k singular triplets): the fraction of the loss gain that survives,
     (L_base - L_k) / (L_base - L_full)."""
-    steps = steps or TASK_DEFAULTS["shift"]["steps"]
-    model, tokenizer = load_base()
-    task, block = task_for("shift", model, tokenizer)
-    model.freeze("*")
-    model.unfreeze("h.*.attn.*.weight", "h.*.mlp.*.weight")
-    W0 = {n: to_host(model.params[n]).astype(np.float64) for n in model.trainable_names()}
-    trainer = experiment_trainer(model, task, steps, block, FULL_LR, seed=0)
-    base_loss = evaluate(model, trainer.eval_batch)["loss"]
-    trainer.run()
-    full_loss = trainer.last_validation["loss"]
-    delta = {n: to_host(model.params[n]).astype(np.float64) - W0[n] for n in W0}
-    svds = {n: np.linalg.svd(d, full_matrices=False) for n, d in delta.items()}
-    rows = []
-    for k in ks:
-        for n, (P, s, Qt) in svds.items():
-            model.params[n][...] = model.xp.asarray(
-                (W0[n] + (P[:, :k] * s[:k]) @ Qt[:k]), dtype=model.dtype
-            )
-        loss = evaluate(model, trainer.eval_batch)["loss"]
-        rows.append({"k": k, "loss": loss, "kept": (base_loss - loss) / (base_loss - full_loss)})
-    return {"val_loss": full_loss, "base_val_loss": base_loss, "truncation": rows}
+    with limited_threads(1):  # as in a sweep: the same numbers whoever calls it
+        steps = steps or TASK_DEFAULTS["shift"]["steps"]
+        model, tokenizer = load_base()
+        task, block = task_for("shift", model, tokenizer)
+        model.freeze("*")
+        model.unfreeze("h.*.attn.*.weight", "h.*.mlp.*.weight")
+        W0 = {n: to_host(model.params[n]).astype(np.float64) for n in model.trainable_names()}
+        trainer = experiment_trainer(model, task, steps, block, FULL_LR, seed=0)
+        base_loss = evaluate(model, trainer.eval_batch)["loss"]
+        trainer.run()
+        full_loss = trainer.last_validation["loss"]
+        delta = {n: to_host(model.params[n]).astype(np.float64) - W0[n] for n in W0}
+        svds = {n: np.linalg.svd(d, full_matrices=False) for n, d in delta.items()}
+        rows = []
+        for k in ks:
+            for n, (P, s, Qt) in svds.items():
+                model.params[n][...] = model.xp.asarray(
+                    (W0[n] + (P[:, :k] * s[:k]) @ Qt[:k]), dtype=model.dtype
+                )
+            loss = evaluate(model, trainer.eval_batch)["loss"]
+            kept = (base_loss - loss) / (base_loss - full_loss)
+            rows.append({"k": k, "loss": loss, "kept": kept})
+        return {"val_loss": full_loss, "base_val_loss": base_loss, "truncation": rows}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from minilora.basics.backend import to_host
+from minilora.basics.blas import limited_threads
 from minilora.core import params
 from minilora.core.adapters import add_adapter
 from minilora.core.lora import LoraConfig, delta_weight, gaussian_std, lora_names
@@ -64,7 +65,8 @@ def experiment_trainer(
         seed=seed,
         loraplus_lr_ratio=loraplus_lr_ratio,
     )
-    return Trainer(model, task, cfg, progress=False, threads=1)
+    with limited_threads(1):  # its validation batch too (the planted teacher labels it)
+        return Trainer(model, task, cfg, progress=False, threads=1)
 
 
 def task_for(name: str, model: Any, tokenizer: Any) -> tuple[Any, int]:

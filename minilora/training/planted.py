@@ -159,9 +159,10 @@ def principal_cosines(
 
     ``centre_rows``: compare ΔW (I - 1 1^T / d_in), the part of it that the data can
     see, when the layer's input is a layer norm's output (zero mean over features):
-    no gradient reaches A along the all-ones direction (dA = dU^T X, and every row of
-    X is orthogonal to it), so LoRA's A keeps there whatever its random init put, and
-    that part of ΔW = BA changes no output.
+    the loss does not depend on A along the all-ones direction (dA = dU^T X, and every
+    row of X is orthogonal to it), so nothing pulls that part of A toward the planted
+    change: it starts at A's random init (and AdamW, scaling each coordinate's step
+    separately, moves it anyway), and that part of ΔW = BA changes no output.
     """
     learned = np.asarray(learned, dtype=np.float64)
     if centre_rows:
