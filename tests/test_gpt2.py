@@ -69,16 +69,29 @@ def test_unprefixed_keys_and_mask_buffers_load(folder):
     )
 
 
-def test_merged_export_carries_the_adapters(tmp_path):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        {},
+        {"use_dora": True},  # was W + s B A without the magnitude: off by 0.2 in the logits
+        {"use_vera": True},  # was a KeyError on lora_A
+    ],
+    ids=["lora", "dora", "vera"],
+)
+def test_merged_export_carries_the_adapters(tmp_path, kind):
     model = random_model(CFG, seed=1)
-    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "k", "o", "fc")))
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "k", "o", "fc"), **kind))
     randomise_adapters(model)
+    rng = np.random.default_rng(2)
+    for name in model.trainable_names():  # VeRA's vectors (λ_b starts at 0)
+        model.params[name][...] = rng.normal(0.0, 0.3, model.params[name].shape)
     ml.save_model(model, tmp_path / "hf", format="hf")
     idx = np.arange(12).reshape(2, 6)
     expected = model.eval().forward(idx)
     assert not model.merged_adapters  # the export merged into a copy
     loaded = ml.load_gpt2(tmp_path / "hf", dtype="float64").eval()
     assert np.abs(loaded.forward(idx) - expected).max() < 1e-12
+    assert np.abs(random_model(CFG, seed=1).forward(idx) - expected).max() > 1e-3  # not the base
 
 
 def test_layer_norm_eps_is_used_and_old_configs_load():
