@@ -310,20 +310,21 @@ def bench_gpt2(
     result["memory"] = {
         "method": "tracemalloc peak",
         "minilora": measured | {"predicted": predicted},
-        "rss": {  # the same method for both: weights + optimizer + the step's RSS peak above
-            side: None
-            if r is None
-            else r
-            | state[side]
-            | {"peak": state[side]["weights"] + state[side]["optimizer"] + r["above"]}
-            for side, r in rss.items()
-        },
+        "rss": {side: _rss_total(r, state[side]) for side, r in rss.items()},
     }
     result["what_it_takes"] = {  # 1,000 steps of batch x seq tokens at the median step time
         side: {"minutes_per_1000_steps": t["median_ms"] / 60.0, "tokens": 1000 * tokens}
         for side, t in timed.items()
     }
     return result
+
+
+def _rss_total(rss: dict[str, int] | None, counted: dict[str, int]) -> dict[str, int] | None:
+    """The same method for both libraries: weights + optimizer state (counted from the
+    arrays or tensors) + the step's resident-memory high-water mark above its start."""
+    if rss is None:  # not Linux
+        return None
+    return rss | counted | {"peak": counted["weights"] + counted["optimizer"] + rss["above"]}
 
 
 def _gpt2_device(device: str | None) -> str | None:
