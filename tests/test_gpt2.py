@@ -7,6 +7,7 @@ bad folder is refused with one line before a model is built.
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -312,6 +313,26 @@ def cli(*argv):
     from minilora.cli.main import main
 
     return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--vera"], "not --vera"),
+        (["--dora", "--quantize", "nf4"], "not --dora over a quantized base"),
+    ],
+    ids=["vera", "dora_nf4"],
+)
+def test_cli_refuses_a_peft_export_it_cannot_write_before_training(tmp_path, capsys, flags, match):
+    """Refused at the start in one line (save_adapter would refuse it after the training)."""
+    base = gpt2_fixture(tmp_path / "gpt2")
+    text = tmp_path / "my.txt"
+    text.write_text("The quick brown fox. " * 40)
+    argv = ["finetune", "--base", base, "--text", text, "--out", tmp_path / "run", *flags]
+    assert cli(*argv, "--steps", "1", "--quiet", "--export", "peft") == 2
+    err = capsys.readouterr().err
+    assert re.search(f"--export peft writes LoRA and DoRA adapters, {match}", err)
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_cli_finetunes_a_gpt2_exports_peft_and_generates(tmp_path, capsys):
