@@ -289,7 +289,9 @@ def format_results(results: dict[str, Any]) -> str:
         ),
         f"PyTorch {meta['torch'] or 'not installed'}, Python {meta['python']}",
         f"{s['dtype']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']:g} on "
-        f"{','.join(s['lora']['target_modules'])}, {s['optimizer']}",
+        f"{','.join(s['lora']['target_modules'])}"
+        + (" (gpt2: on q,v)" if "gpt2" in results["configs"] else "")
+        + f", {s['optimizer']}",
         f"medians of {s['steps']} steps after {s['warmup']} warm-up, runs alternating"
         + (f", {SETTLE_S} s idle before each with PyTorch" if s["torch"] and not s["quick"] else "")
         + ("; BUSY: a helper process keeps one core busy" if s["busy"] else ""),
