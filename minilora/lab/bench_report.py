@@ -232,8 +232,10 @@ def _gpt2_lines(name: str, r: dict[str, Any]) -> list[str]:
             "",
             *_table(rows, "<" + ">" * len(rss)),
             *textwrap.wrap(
-                "(RSS: Linux's VmHWM, reset before one step; memory an allocator kept from "
-                "earlier steps and reuses is not counted, so the step's part is a lower bound)",
+                "(RSS: Linux's VmHWM, reset before one step, after glibc's malloc_trim handed "
+                "free memory back: the pages the step touches, whichever library allocates them; "
+                "on minilora's step it reads near tracemalloc's peak above the weights and "
+                "optimizer state)",
                 100,
             ),
         ]

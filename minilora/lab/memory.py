@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import re
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
@@ -132,6 +135,14 @@ def _status_kb(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)[1])
 
 
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system (no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def rss_peak(fn: Callable[[], Any]) -> dict[str, int] | None:
     """Resident memory of the process around ``fn()``, for libraries tracemalloc does
     not see (PyTorch allocates outside Python): {"before": RSS before, "peak": the
@@ -139,9 +150,13 @@ def rss_peak(fn: Callable[[], Any]) -> dict[str, int] | None:
 
     Linux: writing "5" to /proc/self/clear_refs resets the high-water mark VmHWM to the
     current RSS; VmHWM after the call is the peak. It counts pages touched, so memory
-    the allocator kept from earlier calls and reuses is not in "above": a lower bound of
-    what the call needs beyond what existed. None where /proc does not allow it.
+    the allocator kept from earlier calls and reuses unseen would be missing: glibc's
+    ``malloc_trim(0)`` first hands the free memory back to the system (NumPy and
+    PyTorch's CPU tensors both allocate through it). Still a lower bound of what the
+    call needs beyond what existed. None where /proc does not allow it.
     """
+    gc.collect()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
