@@ -3,8 +3,10 @@
 One quick pass on the tiny configuration is shared by the tests that read its output.
 """
 
+import importlib
 import json
 import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -279,3 +281,141 @@ def test_lora_keeps_fewer_activations_and_the_estimate_is_within_10_percent(name
         predicted, peak = m[mode]["predicted"]["total"], m[mode]["peak"]
         assert abs(predicted - peak) < 0.1 * peak, (mode, predicted, peak)
         assert m[mode]["predicted"]["optimizer"] == m[mode]["optimizer"]  # exact
+
+
+# ------------------------------------------------------------- gpt2: GPT-2 small, opt-in
+@pytest.fixture
+def tiny_gpt2(monkeypatch):
+    """The gpt2 configuration's code path on a shape that runs in a second: 2 sequences
+    of 8 tokens from the tiny preset's 16 positions (the real one: 4 of 128 from 1024)."""
+    monkeypatch.setattr(reference, "GPT2_PRESET", "tiny")
+    monkeypatch.setattr(reference, "GPT2_BATCH", 2)
+    monkeypatch.setattr(reference, "GPT2_SEQ", 8)
+    return reference.gpt2_setup()
+
+
+def test_gpt2_is_opt_in_with_gpt2_small_shape():
+    assert "gpt2" in reference.CONFIGS and "gpt2" in bench.CONFIGS
+    assert all("gpt2" not in names for names in reference.DEFAULT_CONFIGS.values())
+    assert build_parser().parse_args(["bench", "--config", "gpt2"]).config == ["gpt2"]
+    cfg, batch, seq = reference.gpt2_setup()
+    assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model) == (
+        50257,
+        1024,
+        12,
+        12,
+        768,
+    )
+    assert (cfg.layer_norm_eps, cfg.dropout, batch, seq) == (1e-5, 0.0, 4, 128)
+    adapter = reference.gpt2_lora_config()
+    assert (adapter.r, adapter.alpha, adapter.dropout, adapter.target_modules) == (
+        8,
+        16.0,
+        0.0,
+        ("q", "v"),
+    )
+    with pytest.raises(ValueError, match="config='gpt2'"):  # not a preset: gpt2_setup says how
+        reference.reference_config("gpt2")
+
+
+def test_gpt2_model_shares_a_between_q_and_v(tiny_gpt2):
+    """PEFT's rank-r c_attn can then hold the q, v adapter exactly (torch_reference.peft_gpt2)."""
+    cfg, _, _ = tiny_gpt2
+    model = reference.build_gpt2_model(cfg)
+    again = reference.build_gpt2_model(cfg)
+    for i in range(cfg.n_layer):
+        A_q, A_v = (model.params[f"h.{i}.attn.{t}.lora_A.default"] for t in "qv")
+        np.testing.assert_array_equal(A_q, A_v)
+        assert np.abs(model.params[f"h.{i}.attn.v.lora_B.default"]).min() > 0
+    for name, value in model.state_dict().items():  # built the same way every time
+        np.testing.assert_array_equal(again.params[name], value)
+
+
+def test_gpt2_path_without_torch(tiny_gpt2):
+    cfg, batch, seq = tiny_gpt2
+    results = bench.run_benchmark(configs=["gpt2"], steps=1, warmup=0, quick=True, use_torch=False)
+    r = results["configs"]["gpt2"]
+    assert r["kind"] == "gpt2" and r["torch"]["reason"] == "--no-torch"
+    assert r["config"]["tokens"] == batch * seq == 16 and r["config"]["seq_len"] == 8
+    d, n_layer = cfg.d_model, cfg.n_layer
+    assert r["trainable"] == {"minilora": n_layer * 2 * 8 * (d + d)}  # q, v: A (8, d), B (d, 8)
+    t = r["training"]["minilora"]
+    assert set(r["training"]) == {"minilora"} and t["median_ms"] > 0
+    assert t["tokens_per_s"] == pytest.approx(16 / (t["median_ms"] / 1e3))
+    assert r["what_it_takes"]["minilora"]["minutes_per_1000_steps"] == pytest.approx(
+        1000 * t["median_ms"] / 60e3
+    )
+    m = r["memory"]["minilora"]
+    assert sum(m[k] for k in PARTS) == m["peak"]
+    # the prediction counts the 32 stored positions although a step uses 8: exact
+    assert m["predicted"]["weights"] == m["weights"]
+    assert m["predicted"]["optimizer"] == m["optimizer"] == 12 * r["trainable"]["minilora"]
+    assert m["predicted"]["gradients"] == m["gradients"]
+    rss = r["memory"]["rss"]["minilora"]
+    if rss is not None:  # Linux
+        assert rss["peak"] == m["weights"] + m["optimizer"] + rss["above"]
+    json.loads(json.dumps(results, allow_nan=False))
+    text = bench_report.format_results(results)
+    assert "== gpt2: GPT-2 small's shape" in text and "PEFT not compared: --no-torch" in text
+    assert "LoRA training step" in text and "1,000 steps" in text
+
+
+def test_gpt2_refuses_in_one_line_without_peft(tiny_gpt2, monkeypatch, capsys):
+    """Before anything is measured; --no-torch still runs."""
+    from minilora.cli.main import main
+
+    monkeypatch.setattr(bench, "peft_available", lambda: (False, "No module named 'peft'"))
+    assert main(["bench", "--config", "gpt2", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minilora bench: error: --config gpt2 compares with transformers + PEFT")
+    assert "No module named 'peft'" in err and "--no-torch" in err and err.count("\n") == 1
+    assert main(["bench", "--config", "gpt2", "--quick", "--no-torch"]) == 0
+    assert "== gpt2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--config gpt2 measures the CPU"):
+        bench.bench_gpt2(device="gpu")  # checked before CuPy is asked for
+
+
+def _require_reference():
+    """torch, transformers and peft: a failure under MINILORA_REQUIRE_REFERENCE=1 (CI
+    installs the `ref` extra), a skip otherwise."""
+    for name in ("torch", "transformers", "peft"):
+        if os.environ.get("MINILORA_REQUIRE_REFERENCE") == "1":
+            importlib.import_module(name)
+        else:
+            pytest.importorskip(name, reason="the `ref` extra is not installed")
+
+
+def test_gpt2_against_peft_same_function_and_size(tiny_gpt2, monkeypatch):
+    _require_reference()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, batch, seq = tiny_gpt2
+    results = bench.run_benchmark(configs=["gpt2"], steps=1, warmup=0, quick=True)
+    r = results["configs"]["gpt2"]
+    logits = r["torch"]["logits"]
+    assert logits["max_abs"] > 0.1 and logits["max_abs_diff"] < 1e-5 * logits["max_abs"]
+    # PEFT's r=8 on c_attn (d -> 3d) against minilora's r=8 on q and v (d -> d each)
+    assert (
+        r["trainable"]["peft"] == r["trainable"]["minilora"] == cfg.n_layer * 8 * (4 * cfg.d_model)
+    )
+    assert set(r["training"]) == {"minilora", "peft", "minilora_over_peft"}
+    rss = r["memory"]["rss"]
+    if rss["minilora"] is not None:  # Linux: the same weights, tied head counted once
+        assert rss["peft"]["weights"] == rss["minilora"]["weights"]
+        assert rss["peft"]["optimizer"] >= 8 * r["trainable"]["peft"]  # AdamW's two moments
+    text = bench_report.format_results(results)
+    assert "PEFT, PyTorch eager" in text and "minilora / PEFT" in text and "fused c_attn" in text
+
+
+def test_peft_gpt2_step_starts_at_minilora_loss_and_trains(tiny_gpt2):
+    """The first losses agree (the same function); then each side trains its own adapter
+    (PEFT's k rows of B and its one A move too), so the losses drift apart slowly."""
+    _require_reference()
+    cfg, batch, seq = tiny_gpt2
+    model = reference.build_gpt2_model(cfg)
+    ref = torch_reference.peft_gpt2(model)
+    idx, targets = reference.make_batch(cfg, batch, 0, seq)
+    opt = AdamW(model)
+    ours = [reference.training_step(model, opt, idx, targets) for _ in range(3)]
+    theirs = [ref["step"](idx, targets) for _ in range(3)]
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-6)
+    assert ours[2] < ours[0] and theirs[2] < theirs[0]

@@ -7,6 +7,7 @@ bad folder is refused with one line before a model is built.
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -69,16 +70,29 @@ def test_unprefixed_keys_and_mask_buffers_load(folder):
     )
 
 
-def test_merged_export_carries_the_adapters(tmp_path):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        {},
+        {"use_dora": True},  # was W + s B A without the magnitude: off by 0.2 in the logits
+        {"use_vera": True},  # was a KeyError on lora_A
+    ],
+    ids=["lora", "dora", "vera"],
+)
+def test_merged_export_carries_the_adapters(tmp_path, kind):
     model = random_model(CFG, seed=1)
-    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "k", "o", "fc")))
+    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "k", "o", "fc"), **kind))
     randomise_adapters(model)
+    rng = np.random.default_rng(2)
+    for name in model.trainable_names():  # VeRA's vectors (λ_b starts at 0)
+        model.params[name][...] = rng.normal(0.0, 0.3, model.params[name].shape)
     ml.save_model(model, tmp_path / "hf", format="hf")
     idx = np.arange(12).reshape(2, 6)
     expected = model.eval().forward(idx)
     assert not model.merged_adapters  # the export merged into a copy
     loaded = ml.load_gpt2(tmp_path / "hf", dtype="float64").eval()
     assert np.abs(loaded.forward(idx) - expected).max() < 1e-12
+    assert np.abs(random_model(CFG, seed=1).forward(idx) - expected).max() > 1e-3  # not the base
 
 
 def test_layer_norm_eps_is_used_and_old_configs_load():
@@ -299,6 +313,26 @@ def cli(*argv):
     from minilora.cli.main import main
 
     return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--vera"], "not --vera"),
+        (["--dora", "--quantize", "nf4"], "not --dora over a quantized base"),
+    ],
+    ids=["vera", "dora_nf4"],
+)
+def test_cli_refuses_a_peft_export_it_cannot_write_before_training(tmp_path, capsys, flags, match):
+    """Refused at the start in one line (save_adapter would refuse it after the training)."""
+    base = gpt2_fixture(tmp_path / "gpt2")
+    text = tmp_path / "my.txt"
+    text.write_text("The quick brown fox. " * 40)
+    argv = ["finetune", "--base", base, "--text", text, "--out", tmp_path / "run", *flags]
+    assert cli(*argv, "--steps", "1", "--quiet", "--export", "peft") == 2
+    err = capsys.readouterr().err
+    assert re.search(f"--export peft writes LoRA and DoRA adapters, {match}", err)
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_cli_finetunes_a_gpt2_exports_peft_and_generates(tmp_path, capsys):

@@ -119,6 +119,20 @@ EXPORTS = [
         ),
     ),
     ("o_fc", ml.LoraConfig(r=3, alpha=5.0, target_modules=("o", "fc"))),
+    # DoRA: c_attn's magnitude is [m_q | ||W_k|| | m_v] (files/peft.py), trained m and B
+    ("dora_q_v", ml.LoraConfig(r=4, alpha=8.0, target_modules=("q", "v"), use_dora=True)),
+    (
+        "dora_q_v_fc_rslora_layer_1",  # fused c_attn rank 8 beside c_fc rank 4: the patterns
+        ml.LoraConfig(
+            r=4,
+            alpha=6.0,
+            target_modules=("q", "v", "fc"),
+            use_rslora=True,
+            layers=(1,),
+            use_dora=True,
+        ),
+    ),
+    ("dora_o_proj", ml.LoraConfig(r=3, alpha=5.0, target_modules=("o", "proj"), use_dora=True)),
 ]
 
 
@@ -160,18 +174,43 @@ IMPORTS = [
 ]
 
 
+IMPORTS += [  # DoRA: the magnitude moved away from ||W + s B A|| before saving
+    ("dora_c_attn", dict(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True)),
+    (
+        "dora_patterns_rslora_layer_1",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc", "c_proj"],
+            rank_pattern={"c_fc": 2},
+            alpha_pattern={"c_fc": 3},
+            use_rslora=True,
+            layers_to_transform=[1],
+            layers_pattern="h",
+            use_dora=True,
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize("kwargs", [k for _, k in IMPORTS], ids=[n for n, _ in IMPORTS])
 def test_peft_adapter_gives_peft_logits_in_minilora(tmp_path, kwargs):
     hf_gpt2(seed=4).save_pretrained(tmp_path / "base")
     base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     config = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kwargs)
     peft_model = peft.get_peft_model(base, config).eval()  # init False: B random, not 0
+    magnitudes = [p for n, p in peft_model.named_parameters() if "lora_magnitude_vector" in n]
+    assert bool(magnitudes) == bool(kwargs.get("use_dora"))
+    with torch.no_grad():  # m = ||W + s B A|| at init would make DoRA's rescaling 1
+        for m in magnitudes:
+            m.mul_(1.0 + 0.2 * torch.randn_like(m))
     peft_model.save_pretrained(tmp_path / "adapter")
     idx = ids(seed=5)
     with torch.no_grad():
         expected = peft_model(torch.tensor(idx)).logits.numpy()
     model = ml.load_gpt2(tmp_path / "base")
     assert ml.load_adapter(model, tmp_path / "adapter") == "default"
+    assert model.adapters["default"].config.use_dora == bool(kwargs.get("use_dora"))
     got = ml.to_host(model.eval().forward(idx))
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import random_model, randomise_adapters
 
 import minilora as ml
+from minilora.core.dora import weight_norm
 from minilora.files.io import load_safetensors, save_safetensors
 
 CFG = ml.GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=8)
@@ -157,8 +158,22 @@ def _nan(t):
     t[f"{PREFIX}.0.attn.c_attn.lora_B.weight"][0, 0] = np.nan
 
 
+def _magnitude(t):
+    t[f"{PREFIX}.0.attn.c_attn.lora_magnitude_vector"] = np.ones(3 * CFG.d_model)
+
+
+def _dora_short_magnitude(folder):
+    tensors = c_attn_tensors()
+    for i in (0, 1):
+        tensors[f"{PREFIX}.{i}.attn.c_attn.lora_magnitude_vector"] = np.ones(CFG.d_model)
+    write_peft(folder, {"use_dora": True}, tensors)
+
+
 BAD = [
-    ("dora", _meta(use_dora=True), "use_dora=True"),
+    ("dora_without_magnitude", _meta(use_dora=True), "needs exactly lora_A, lora_B, lora_mag"),
+    ("magnitude_without_dora", _tensors(_magnitude), "use_dora=False .* needs exactly lora_A, lo"),
+    ("dora_short_magnitude", _dora_short_magnitude, r"lora_magnitude_vector has shape \(8,\)"),
+    ("dora_string", _meta(use_dora="yes"), "use_dora"),
     ("bias_all", _meta(bias="all"), "bias='all'"),
     ("modules_to_save", _meta(modules_to_save=["lm_head"]), "modules_to_save"),
     ("pissa_init", _meta(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
@@ -176,7 +191,11 @@ BAD = [
         _tensors(lambda t: t.update({"base_model.model.lm_head.lora_A.weight": np.zeros(2)})),
         "lm_head",
     ),
-    ("only_A", _tensors(lambda t: t.pop(f"{PREFIX}.1.attn.c_attn.lora_B.weight")), "not both"),
+    (
+        "only_A",
+        _tensors(lambda t: t.pop(f"{PREFIX}.1.attn.c_attn.lora_B.weight")),
+        "has lora_A; .* needs exactly lora_A, lora_B",
+    ),
     (
         "block_5",
         _tensors(lambda t: t.update({k.replace("h.0", "h.5"): v for k, v in list(t.items())})),
@@ -198,12 +217,17 @@ def test_bad_peft_adapter_is_refused_and_changes_nothing(tmp_path, prepare, matc
     assert not model.adapters and model.state_dict().keys() == before.keys()
 
 
-def test_export_refuses_pissa_dora_merged_and_unknown_format(tmp_path):
+def test_export_refuses_pissa_vera_quantized_dora_merged_and_unknown_format(tmp_path):
     model = adapted(ml.LoraConfig(r=2, init="pissa"))
     with pytest.raises(ValueError, match="PiSSA"):
         ml.save_adapter(model, tmp_path, format="peft")
-    model = adapted(ml.LoraConfig(r=2, use_dora=True))
-    with pytest.raises(ValueError, match="DoRA adapter"):
+    model = adapted(ml.LoraConfig(r=2, use_vera=True))  # was a KeyError on h.0.attn.q.lora_A
+    with pytest.raises(ValueError, match="VeRA adapter; PEFT export writes LoRA and DoRA"):
+        ml.save_adapter(model, tmp_path, format="peft")
+    model = random_model(CFG, dtype="float32")
+    ml.quantize_base(model, "nf4")
+    ml.add_adapter(model, ml.LoraConfig(r=2, use_dora=True))
+    with pytest.raises(ValueError, match=r"DoRA adapter on a quantized \(nf4\) base"):
         ml.save_adapter(model, tmp_path, format="peft")
     model = adapted(ml.LoraConfig(r=2))
     with pytest.raises(ValueError, match="format='torch'"):
@@ -212,3 +236,99 @@ def test_export_refuses_pissa_dora_merged_and_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="merged"):
         ml.save_adapter(model, tmp_path, format="peft")
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- DoRA
+DORA = ml.LoraConfig(r=2, alpha=3.0, target_modules=("q", "v", "fc"), use_dora=True)
+
+
+def test_dora_export_concatenates_the_magnitudes_of_q_k_v(tmp_path):
+    """c_attn's magnitude is [m_q | m_k | m_v]; k has no adapter: ||W_k|| per row."""
+    model = adapted(DORA)
+    ml.save_adapter(model, tmp_path, format="peft")
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["use_dora"] is True
+    tensors, _ = load_safetensors(tmp_path / "adapter_model.safetensors")
+    C = CFG.d_model
+    for i in range(CFG.n_layer):
+        m_c = tensors[f"{PREFIX}.{i}.attn.c_attn.lora_magnitude_vector"]
+        assert m_c.shape == (3 * C,)
+        for t in "qv":
+            rows = slice(0, C) if t == "q" else slice(2 * C, 3 * C)
+            np.testing.assert_array_equal(
+                m_c[rows], model.params[f"h.{i}.attn.{t}.lora_magnitude.default"]
+            )
+        W_k = model.params[f"h.{i}.attn.k.weight"]
+        np.testing.assert_allclose(m_c[C : 2 * C], np.linalg.norm(W_k, axis=1), rtol=1e-15)
+        np.testing.assert_array_equal(
+            tensors[f"{PREFIX}.{i}.mlp.c_fc.lora_magnitude_vector"],
+            model.params[f"h.{i}.mlp.fc.lora_magnitude.default"],
+        )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DORA,
+        ml.LoraConfig(r=2, target_modules=ml.TARGET_MODULES, layers=(1,), use_dora=True),
+        ml.LoraConfig(r=3, alpha=2.0, target_modules=("k",), use_rslora=True, use_dora=True),
+    ],
+    ids=["q_v_fc", "all_layer_1", "k_rslora"],
+)
+def test_dora_round_trip_gives_the_same_logits(tmp_path, config):
+    """Export, import into a fresh copy of the base: the same function (float64)."""
+    model = adapted(config)
+    ml.save_adapter(model, tmp_path, format="peft")
+    again = random_model(CFG)
+    ml.load_adapter(again, tmp_path, name="back")
+    assert again.adapters["back"].config.use_dora
+    idx = np.arange(12).reshape(2, 6)
+    expected = model.forward(idx)
+    assert np.abs(again.eval().forward(idx) - expected).max() < 1e-12 * np.abs(expected).max()
+    for module in model.adapters["default"].modules:
+        np.testing.assert_array_equal(
+            again.params[f"{module}.lora_magnitude.back"],
+            model.params[f"{module}.lora_magnitude.default"],
+        )
+
+
+def test_dora_import_splits_the_magnitude_and_folds_the_patterns(tmp_path):
+    """c_attn rank 4 with its magnitude; c_fc rank 2 with its own alpha, in block 1 only."""
+    rng = np.random.default_rng(2)
+    C = CFG.d_model
+    tensors = c_attn_tensors(blocks=(0,))
+    m_c = rng.uniform(0.5, 2.0, 3 * C)
+    tensors[f"{PREFIX}.0.attn.c_attn.lora_magnitude_vector"] = m_c
+    A_fc, B_fc, m_fc = rng.normal(size=(2, C)), rng.normal(size=(4 * C, 2)), rng.normal(size=4 * C)
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_A.weight"] = A_fc
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_B.weight"] = B_fc
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_magnitude_vector"] = m_fc
+    write_peft(
+        tmp_path,
+        {
+            "target_modules": ["c_attn", "c_fc"],
+            "use_dora": True,
+            "rank_pattern": {"c_fc": 2},
+            "alpha_pattern": {"c_fc": 3},
+        },
+        tensors,
+    )
+    model = random_model(CFG)
+    ml.load_adapter(model, tmp_path)
+    config = model.adapters["default"].config
+    assert config.use_dora and (config.r, config.scale) == (4, 2.0)
+    for j, t in enumerate("qkv"):  # each its slice of the magnitude, bit for bit
+        np.testing.assert_array_equal(
+            model.params[f"h.0.attn.{t}.lora_magnitude.default"], m_c[j * C : (j + 1) * C]
+        )
+    np.testing.assert_array_equal(model.params["h.1.mlp.fc.lora_magnitude.default"], m_fc)
+    np.testing.assert_allclose(  # the folded scale keeps s B A, so the norm m divides by
+        delta(model, "h.1.mlp.fc"), 1.5 * (B_fc @ A_fc), rtol=1e-13, atol=1e-14
+    )
+    for module in ("h.1.attn.q", "h.0.mlp.fc"):  # empty cells: m = ||W|| per row, m / n = 1
+        W = model.params[f"{module}.weight"]
+        assert not delta(model, module).any()
+        np.testing.assert_array_equal(
+            model.params[f"{module}.lora_magnitude.default"],
+            weight_norm(W, np.zeros((1, W.shape[1])), np.zeros((W.shape[0], 1)), 1.0),
+        )

@@ -198,6 +198,13 @@ def _check_finetune(args: Namespace) -> None:
             "--export peft writes a LoRA adapter for a Hugging Face GPT-2: it needs a GPT-2 "
             "folder as --base" + (" and no --full" if args.full else f", not {args.base}")
         )
+    if export == "peft" and (args.vera or (args.dora and args.quantize)):  # peft.py refuses
+        what = (
+            "--vera (PEFT's VeRA is another format)"
+            if args.vera
+            else ("--dora over a quantized base (its magnitudes are relative to the 4-bit W)")
+        )
+        raise ValueError(f"--export peft writes LoRA and DoRA adapters, not {what}")
     task = "shift" if args.task is None else args.task
     one_of("--task", task, FINETUNE_TASKS)  # a text file comes with --text
     if args.planted_rank is not None and (task != "planted" or args.text is not None):

@@ -261,23 +261,27 @@ def delete_adapter(model: GPT, name: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- merging
+def adapted_weight(model: GPT, name: str, module: str, W: Any) -> Any:
+    """The weight ``module`` computes with adapter ``name`` on top of ``W`` (d_out,
+    d_in), on the model's device: W + s B A; for DoRA m ⊙ (W + s B A) / ||W + s B A||
+    (dora.dora_weight); for VeRA W + (λ_b ⊙ B) (λ_d ⊙ A) on the shared matrices' slices
+    (vera.vera_delta_weight). ``W`` is not changed."""
+    config = model.adapters[name].config
+    if config.use_vera:
+        A, B = vera_slices(*model.vera_projection(name), *W.shape)
+        return W + vera_delta_weight(A, B, *(model.params[n] for n in vera_names(module, name)))
+    A, B = (model.params[n] for n in lora_names(module, name))
+    if config.use_dora:
+        return dora_weight(W, A, B, model.params[magnitude_name(module, name)], config.scale)
+    return W + delta_weight(A, B, config.scale)
+
+
 def _apply_delta(model: GPT, name: str) -> None:
-    """W <- W + s B A on every module of adapter ``name`` (in place: the live array);
-    for DoRA, W <- m ⊙ (W + s B A) / ||W + s B A|| (dora.dora_weight); for VeRA,
-    W <- W + (λ_b ⊙ B) (λ_d ⊙ A) on the shared matrices' slices (vera.vera_delta_weight)."""
-    adapter = model.adapters[name]
-    for module in adapter.modules:
+    """W <- :func:`adapted_weight` on every module of adapter ``name`` (in place: the
+    live array)."""
+    for module in model.adapters[name].modules:
         W = model.params[f"{module}.weight"]
-        if adapter.config.use_vera:
-            A, B = vera_slices(*model.vera_projection(name), *W.shape)
-            W += vera_delta_weight(A, B, *(model.params[n] for n in vera_names(module, name)))
-            continue
-        A, B = (model.params[n] for n in lora_names(module, name))
-        if adapter.config.use_dora:
-            m = model.params[magnitude_name(module, name)]
-            W[...] = dora_weight(W, A, B, m, adapter.config.scale)
-        else:
-            W += delta_weight(A, B, adapter.config.scale)
+        W[...] = adapted_weight(model, name, module, W)
 
 
 def merge(model: GPT) -> None:

@@ -162,7 +162,7 @@ def load_adapter(
 ) -> str:
     """Add the adapter saved in ``directory`` to ``model``; returns its name.
 
-    A PEFT LoRA adapter for GPT-2 (its config has ``peft_type``) is recognised and
+    A PEFT LoRA or DoRA adapter for GPT-2 (its config has ``peft_type``) is recognised and
     loaded by peft.load_peft_adapter, its fused c_attn split into q, k and v.
 
     Checks, before anything changes: both files exist and parse; the config is a

@@ -33,7 +33,7 @@ import numpy as np
 
 from minilora.basics.backend import finite_as, require_memory, resolve_dtype, to_host
 from minilora.basics.checks import positive_int, positive_real
-from minilora.core.lora import delta_weight, lora_names
+from minilora.core.adapters import adapted_weight
 from minilora.core.model import GPT, GPTConfig, parameter_shapes, require_gpt
 from minilora.files.io import (
     atomic_write_bytes,
@@ -302,19 +302,17 @@ def load_gpt2(folder: str | os.PathLike, dtype: Any = "float32", device: str | N
 
 # ------------------------------------------------------------------------ writing
 def merged_base(model: GPT) -> dict[str, np.ndarray]:
-    """Host copies of the base weights with every active, unmerged adapter's s B A added:
+    """Host copies of the base weights with every active, unmerged adapter applied as
+    ``merge`` applies it (W + s B A; DoRA's and VeRA's own weights: adapters.adapted_weight):
     the weights a plain GPT-2 needs to compute what ``model`` computes. The model is
     not changed."""
     params = {name: to_host(model.params[name]).copy() for name in model.base_names()}
     for name in model.active_adapters:
         if name in model.merged_adapters:
             continue  # already inside W
-        adapter = model.adapters[name]
-        for module in adapter.modules:
-            A, B = (to_host(model.params[n]) for n in lora_names(module, name))
-            params[f"{module}.weight"] += delta_weight(A, B, adapter.config.scale).astype(
-                model.dtype
-            )
+        for module in model.adapters[name].modules:
+            W = model.backend.asarray(params[f"{module}.weight"])  # on the model's device
+            params[f"{module}.weight"] = to_host(adapted_weight(model, name, module, W))
     return params
 
 

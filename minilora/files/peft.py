@@ -1,4 +1,4 @@
-"""LoRA adapters in PEFT's own format, for GPT-2: written for PeftModel, read from it.
+"""LoRA and DoRA adapters in PEFT's own format, for GPT-2: written for PeftModel, read from it.
 
 PEFT adapts GPT-2's modules, whose names are not minilora's, and one of them is fused::
 
@@ -34,6 +34,22 @@ rank and alpha patterns) are padded with zero rows of A and zero columns of B to
 largest rank R, and their scale is folded into B: B_m <- (s_m / s) B_m, so s B_m A_m is
 the file's ΔW. Modules the file does not adapt, where minilora's one (layers x
 targets) grid needs them, get A = 0 and B = 0: a branch that adds nothing.
+
+**DoRA** (``use_dora``). PEFT keeps one magnitude per output feature of each adapted
+layer, ``...lora_magnitude_vector`` (d_out,), and divides by the norm of each row of
+V = W + s B A, taken over the inputs (``fan_in_fan_out`` transposes the Conv1D weight
+first, so a row is an output feature, as in dora.py), detached in the backward as in
+minilora. A row of c_attn's fused V is a row of V_q, V_k or V_v, because B_c A_c is
+their ΔW's stacked by rows: so c_attn's norm is the concatenation of the three norms,
+and its magnitude the concatenation [m_q | m_k | m_v] (3d,). A module of q, k, v
+without an adapter (k, when q and v are adapted) has ΔW = 0 in c_attn: its part of
+the magnitude is the row norms of its W, DoRA's magnitude at its start, so m / n = 1
+there and its rows are unchanged. Folding a scale into B (import) keeps s B A, so the
+norm and the magnitude stay as they are; a grid cell the file does not adapt gets
+m = ||W|| per row. Both ways are exact. Refused: a DoRA adapter on a quantized base
+(its magnitudes are relative to the 4-bit weights, and k's rows need the float W's
+norms, which that model no longer has), and VeRA adapters (PEFT's VeRA is another
+format).
 """
 
 from __future__ import annotations
@@ -48,8 +64,20 @@ import numpy as np
 
 from minilora.basics.backend import finite_as, to_host
 from minilora.basics.checks import boolean, positive_int, positive_real, probability
-from minilora.core.adapters import check_adapter_name, install_adapter, require_unmerged
-from minilora.core.lora import TARGET_MODULES, LoraConfig, lora_names, module_order, module_path
+from minilora.core.adapters import (
+    check_adapter_name,
+    dora_magnitudes,
+    install_adapter,
+    require_unmerged,
+)
+from minilora.core.lora import (
+    TARGET_MODULES,
+    LoraConfig,
+    lora_names,
+    magnitude_name,
+    module_order,
+    module_path,
+)
 from minilora.core.model import GPT, require_gpt
 from minilora.files.io import load_json, load_safetensors, save_json, save_safetensors
 
@@ -70,11 +98,11 @@ PEFT_PATH = {
 }
 KEY = re.compile(
     r"base_model\.model\.transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-    r"\.lora_([AB])\.weight"
+    r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)"
 )
+FACTOR = {"lora_A.weight": "A", "lora_B.weight": "B"}  # anything else: the magnitude "m"
 # PEFT options whose non-default values change what the adapter computes: refused
 MUST_BE_DEFAULT = {
-    "use_dora": (False, "DoRA"),
     "bias": ("none", "trained biases"),
     "modules_to_save": (None, "fully trained extra modules"),
     "layer_replication": (None, "layer replication"),
@@ -109,10 +137,16 @@ def save_peft_adapter(model: GPT, directory: str | os.PathLike, name: str = "def
             f"adapter {name!r} is a PiSSA adapter: its base is the residual, not the "
             "checkpoint's weights; export the merged model with save_model(format='hf')"
         )
-    if config.use_dora:  # not yet: c_attn's magnitude would need W_k's row norms too
+    if config.use_vera:
         raise ValueError(
-            f"adapter {name!r} is a DoRA adapter; PEFT export supports LoRA adapters only "
-            "(export the merged model with save_model(format='hf'))"
+            f"adapter {name!r} is a VeRA adapter; PEFT export writes LoRA and DoRA adapters "
+            "(PEFT's VeRA is another format); export the merged model with save_model(format='hf')"
+        )
+    if config.use_dora and model.quantization:
+        raise ValueError(
+            f"adapter {name!r} is a DoRA adapter on a quantized ({model.quantization}) base: its "
+            "magnitudes are relative to the 4-bit weights and c_attn needs the float W's row "
+            "norms; load it onto the float base (load_adapter) and export from there"
         )
     require_unmerged(model, "export an adapter")
     s, d = config.scale, model.config.d_model
@@ -121,11 +155,14 @@ def save_peft_adapter(model: GPT, directory: str | os.PathLike, name: str = "def
     tensors: dict[str, np.ndarray] = {}
     blocks = sorted({int(m.split(".")[1]) for m in adapter.modules})
     for i in blocks:
-        factors = {}
+        factors, magnitude = {}, {}
         for t in config.target_modules:
             A_name, B_name = lora_names(module_path(i, t), name)
             factors[t] = (to_host(model.params[A_name]), to_host(model.params[B_name]))
+            if config.use_dora:
+                magnitude[t] = to_host(model.params[magnitude_name(module_path(i, t), name)])
         prefix = f"base_model.model.transformer.h.{i}."
+        magnitude_key = "lora_magnitude_vector"
         if qkv:
             A_c = np.concatenate([factors[t][0] for t in qkv])  # (R, d)
             B_c = np.zeros((3 * d, R), dtype=A_c.dtype)
@@ -134,11 +171,16 @@ def save_peft_adapter(model: GPT, directory: str | os.PathLike, name: str = "def
                 B_c[j * d : (j + 1) * d, n * config.r : (n + 1) * config.r] = factors[t][1]
             tensors[prefix + "attn.c_attn.lora_A.weight"] = A_c
             tensors[prefix + "attn.c_attn.lora_B.weight"] = B_c
+            if config.use_dora:  # [m_q | m_k | m_v]; a module without adapter: ||W|| per row
+                parts = [magnitude[t] if t in qkv else _row_norms(model, i, t) for t in "qkv"]
+                tensors[f"{prefix}attn.c_attn.{magnitude_key}"] = np.concatenate(parts)
         for t in config.target_modules:
             if t not in qkv:
                 path = PEFT_PATH[peft_target(t)]
                 tensors[f"{prefix}{path}.lora_A.weight"] = factors[t][0]
                 tensors[f"{prefix}{path}.lora_B.weight"] = factors[t][1]
+                if config.use_dora:
+                    tensors[f"{prefix}{path}.{magnitude_key}"] = magnitude[t]
     targets = list(dict.fromkeys(peft_target(t) for t in config.target_modules))
     # c_attn's alpha keeps its scale at s: alpha_c / R = s (alpha_c / sqrt(R) with rsLoRA)
     alpha_c = s * (math.sqrt(R) if config.use_rslora else R)
@@ -159,7 +201,7 @@ def save_peft_adapter(model: GPT, directory: str | os.PathLike, name: str = "def
         "fan_in_fan_out": True,  # GPT-2's Conv1D stores W as (d_in, d_out)
         "bias": "none",
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
@@ -173,6 +215,13 @@ def save_peft_adapter(model: GPT, directory: str | os.PathLike, name: str = "def
         "weights": str(weights),
         "bytes": weights.stat().st_size + config_path.stat().st_size,
     }
+
+
+def _row_norms(model: GPT, block: int, target: str) -> np.ndarray:
+    """||W|| per row (d_out,) of a linear without an adapter: its DoRA magnitude at ΔW = 0,
+    summed in float64 and rounded once to the model's dtype (PEFT divides by its own norm)."""
+    W = to_host(model.weight(module_path(block, target))).astype(np.float64)
+    return np.sqrt((W * W).sum(axis=1)).astype(model.dtype)
 
 
 # ------------------------------------------------------------------------- import
@@ -190,8 +239,9 @@ def _pattern(patterns: Any, module: str, default: Any, path: Path, what: str) ->
     return default
 
 
-def _check_peft_config(meta: dict, path: Path) -> tuple[int, float, float, bool, dict, dict]:
-    """(r, alpha, dropout, use_rslora, rank_pattern, alpha_pattern), every feature checked."""
+def _check_peft_config(meta: dict, path: Path) -> tuple[int, float, float, bool, bool, dict, dict]:
+    """(r, alpha, dropout, use_rslora, use_dora, rank_pattern, alpha_pattern), every
+    feature checked."""
     if meta.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={meta.get('peft_type')!r}; allowed: 'LORA'")
     for key, (default, what) in MUST_BE_DEFAULT.items():
@@ -209,6 +259,7 @@ def _check_peft_config(meta: dict, path: Path) -> tuple[int, float, float, bool,
         alpha = positive_real("lora_alpha", meta.get("lora_alpha", 8))
         dropout = probability("lora_dropout", meta.get("lora_dropout", 0.0))
         rslora = boolean("use_rslora", meta.get("use_rslora", False))
+        dora = boolean("use_dora", meta.get("use_dora", False))
     except (TypeError, ValueError) as err:
         raise type(err)(f"{path}: {err}") from None
     return (
@@ -216,6 +267,7 @@ def _check_peft_config(meta: dict, path: Path) -> tuple[int, float, float, bool,
         alpha,
         dropout,
         rslora,
+        dora,
         meta.get("rank_pattern") or {},
         meta.get("alpha_pattern") or {},
     )
@@ -224,7 +276,8 @@ def _check_peft_config(meta: dict, path: Path) -> tuple[int, float, float, bool,
 def load_peft_adapter(
     model: GPT, directory: str | os.PathLike, name: str | None = None, activate: bool = True
 ) -> str:
-    """Add the PEFT LoRA adapter for GPT-2 in ``directory`` to ``model``; returns its name.
+    """Add the PEFT LoRA or DoRA adapter for GPT-2 in ``directory`` to ``model``; returns
+    its name.
 
     Everything is checked (config, every key, shape and value) before the model changes.
     """
@@ -233,7 +286,8 @@ def load_peft_adapter(
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     meta = load_json(config_path)
-    r, alpha, dropout, rslora, rank_pattern, alpha_pattern = _check_peft_config(meta, config_path)
+    checked_meta = _check_peft_config(meta, config_path)
+    r, alpha, dropout, rslora, dora, rank_pattern, alpha_pattern = checked_meta
     name = check_adapter_name("default" if name is None else name)
     if name in model.adapters:
         raise ValueError(f"adapter {name!r} exists already; pass another name=")
@@ -246,9 +300,9 @@ def load_peft_adapter(
             raise ValueError(
                 f"{weights_path}: key {key!r} is not a LoRA factor of GPT-2 "
                 "(base_model.model.transformer.h.{i}.{attn.c_attn|attn.c_proj|mlp.c_fc|mlp.c_proj}"
-                ".lora_{A|B}.weight)"
+                ".{lora_A.weight|lora_B.weight|lora_magnitude_vector})"
             )
-        block, module, which = int(match[1]), match[2], match[3]
+        block, module, which = int(match[1]), match[2], FACTOR.get(match[3], "m")
         found.setdefault((block, module), {})[which] = value
     if not found:
         raise ValueError(f"{weights_path}: no LoRA factors in the file")
@@ -260,8 +314,14 @@ def load_peft_adapter(
         where = f"{weights_path}: h.{block}.{module}"
         if block >= n_layer:
             raise ValueError(f"{where}: the model has blocks 0..{n_layer - 1}")
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{where} has lora_{''.join(pair)} but not both lora_A and lora_B")
+        wanted = {"A", "B", "m"} if dora else {"A", "B"}
+        if set(pair) != wanted:
+            names = {"A": "lora_A", "B": "lora_B", "m": "lora_magnitude_vector"}
+            has, needs = (", ".join(names[k] for k in sorted(keys)) for keys in (pair, wanted))
+            raise ValueError(
+                f"{where} has {has}; with use_dora={dora} in {ADAPTER_CONFIG} it needs exactly "
+                f"{needs}"
+            )
         key = f"transformer.h.{block}.{module}"
         r_m = _pattern(rank_pattern, key, r, config_path, "rank_pattern")
         a_m = _pattern(alpha_pattern, key, alpha, config_path, "alpha_pattern")
@@ -272,18 +332,19 @@ def load_peft_adapter(
             )
         except (TypeError, ValueError) as err:
             raise type(err)(f"{config_path}: {err}") from None
-        A, B = pair["A"], pair["B"]
-        for which, array, shape in (("A", A, (r_m, d_in[module])), ("B", B, (d_out[module], r_m))):
+        A, B, m = pair["A"], pair["B"], pair.get("m")
+        expected = [("lora_A", A, (r_m, d_in[module])), ("lora_B", B, (d_out[module], r_m))]
+        if dora:
+            expected.append(("lora_magnitude_vector", m, (d_out[module],)))
+        for which, array, shape in expected:
             if tuple(array.shape) != shape or not np.issubdtype(array.dtype, np.floating):
                 raise ValueError(
-                    f"{where}.lora_{which} has shape {tuple(array.shape)} and dtype {array.dtype}; "
+                    f"{where}.{which} has shape {tuple(array.shape)} and dtype {array.dtype}; "
                     f"expected a float array of shape {shape} (r={r_m} from {ADAPTER_CONFIG})"
                 )
             if not finite_as(array, model.dtype):
-                raise ValueError(
-                    f"{where}.lora_{which} contains NaN or inf (as {model.dtype.name})"
-                )
-        checked[(block, module)] = (A, B, r_m, _scale(a_m, r_m, rslora), a_m)
+                raise ValueError(f"{where}.{which} contains NaN or inf (as {model.dtype.name})")
+        checked[(block, module)] = (A, B, r_m, _scale(a_m, r_m, rslora), a_m, m)
     # minilora's adapter has one rank R (the largest) and one scale s: when every module
     # has the same rank and alpha, they are the file's; otherwise s = lora_alpha / R and
     # each module's own scale is folded into its B (the module docstring)
@@ -291,33 +352,41 @@ def load_peft_adapter(
     if len({(v[2], v[4]) for v in checked.values()}) == 1:
         alpha = next(iter(checked.values()))[4]
     s = _scale(alpha, R, rslora)
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for (block, module), (A, B, r_m, s_m, _) in checked.items():
+    factors: dict[str, tuple[np.ndarray, ...]] = {}
+    for (block, module), (A, B, r_m, s_m, _, m) in checked.items():
         A_pad, B_pad = np.zeros((R, A.shape[1])), np.zeros((B.shape[0], R))  # float64
         A_pad[:r_m] = A
         B_pad[:, :r_m] = B if s_m == s else (s_m / s) * B.astype(np.float64)
+        # s B A is unchanged by the folding, so the norm is too: m is taken as it is
         if module == "attn.c_attn":  # the split: q, k, v share A, each its row block of B
-            for j, t in enumerate("qkv"):
-                factors[module_path(block, t)] = (A_pad, B_pad[j * C : (j + 1) * C])
+            for j, t in enumerate("qkv"):  # and its slice of the magnitude
+                rows = slice(j * C, (j + 1) * C)
+                extra = (m[rows],) if dora else ()
+                factors[module_path(block, t)] = (A_pad, B_pad[rows], *extra)
         else:
             t = {"attn.c_proj": "o", "mlp.c_fc": "fc", "mlp.c_proj": "proj"}[module]
-            factors[module_path(block, t)] = (A_pad, B_pad)
+            factors[module_path(block, t)] = (A_pad, B_pad, *((m,) if dora else ()))
     blocks = sorted({int(m.split(".")[1]) for m in factors})
     targets = tuple(t for t in TARGET_MODULES if any(m.endswith(f".{t}") for m in factors))
-    for block in blocks:  # minilora's grid of layers x targets: a missing cell adds nothing
-        for t in targets:
-            module = module_path(block, t)
-            if module not in factors:
-                d_o, d_i = model.weight_shape(module)
-                factors[module] = (np.zeros((R, d_i)), np.zeros((d_o, R)))
     config = LoraConfig(
         r=R,
         alpha=alpha,
         dropout=dropout,
         target_modules=targets,
         use_rslora=rslora,
+        use_dora=dora,
         layers=None if len(blocks) == n_layer else tuple(blocks),
     )
+    empty = {}  # minilora's grid of layers x targets: a missing cell adds nothing
+    for block in blocks:
+        for t in targets:
+            module = module_path(block, t)
+            if module not in factors:
+                d_o, d_i = model.weight_shape(module)
+                empty[module] = (np.zeros((R, d_i)), np.zeros((d_o, R)))
+    if dora:  # DoRA's magnitude at ΔW = 0, ||W|| per row as the forward computes n: m / n = 1
+        empty = dora_magnitudes(model, empty, config)
+    factors |= empty
     factors = dict(sorted(factors.items(), key=lambda item: module_order(item[0])))
     install_adapter(model, name, config, factors, model.base_fingerprint(), activate=activate)
     return name

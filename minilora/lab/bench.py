@@ -23,6 +23,11 @@ and dropout 0:
 - the BLAS library and its thread count; ``busy=True`` repeats all of it while a helper
   process keeps one core busy, as on a shared machine.
 
+``gpt2`` (opt-in, :func:`bench_gpt2`): GPT-2 small, a LoRA step only (r=8 on q, v; batch
+4 of 128 tokens), minilora against transformers + PEFT with the same weights, the same
+adapter and threads, timed alternately; ms per step, tokens per second, the peak memory
+beside ``params.memory_estimate``, and what 1,000 steps take at that speed.
+
 Timings are medians because a step's time has a long right tail (the OS, the
 allocator); alternating the runs step by step spreads any slow spell of the machine
 over all of them instead of one. Speed is a result to read, never a test assertion.
@@ -43,14 +48,17 @@ from minilora.core.optim import ADAMW_DEFAULTS, AdamW
 from minilora.lab.busy_core import busy_core
 from minilora.lab.flops import FLOP_COUNT, step_flops
 from minilora.lab.machine import blas_info, environment, load_average, matmul_rate
-from minilora.lab.memory import measure_memory, memory_report, predicted_memory
+from minilora.lab.memory import measure_memory, memory_report, predicted_memory, rss_peak
 from minilora.lab.op_profile import op_table
 from minilora.lab.reference import (
     CONFIGS,
     DEFAULT_CONFIGS,
     DTYPE,
     MODES,
+    build_gpt2_model,
     build_model,
+    gpt2_lora_config,
+    gpt2_setup,
     lora_config,
     make_batch,
     reference_config,
@@ -58,8 +66,12 @@ from minilora.lab.reference import (
 )
 from minilora.lab.timing import time_alternately
 from minilora.lab.torch_reference import (
+    peft_available,
+    peft_gpt2,
+    peft_logit_difference,
     torch_available,
     torch_logit_difference,
+    torch_state_bytes,
     torch_threads,
     torch_training_step,
 )
@@ -69,6 +81,7 @@ __all__ = [  # what the notebooks and scripts use from here, wherever it is defi
     "MODES",
     "SETTLE_S",
     "bench_config",
+    "bench_gpt2",
     "blas_info",
     "build_model",
     "make_batch",
@@ -220,6 +233,107 @@ def bench_config(
     return result
 
 
+# ------------------------------------------------------------ GPT-2 small, opt-in
+def bench_gpt2(
+    device: str | None = None,
+    seed: int = 0,
+    steps: int = 10,
+    warmup: int = 2,
+    use_torch: bool = True,
+    threads: int | None = None,
+    settle: float = SETTLE_S,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """The "gpt2" configuration: a LoRA step of GPT-2 small, minilora against
+    transformers + PEFT (``torch_reference.peft_gpt2``), as a JSON-able dict.
+
+    PEFT adapts GPT-2's fused c_attn; minilora adapts q and v. The comparison is PEFT's
+    r=8 on c_attn: the same number of trainable parameters (r (d + 3d) = 2 r (d + d) per
+    block) and of adapter FLOPs, and, with v's A equal to q's (reference.build_gpt2_model),
+    the same function: the logits are compared before anything is timed. Memory: the
+    minilora step by tracemalloc (measure_memory) beside params.memory_estimate; both
+    libraries' steps by the resident set's high-water mark (memory.rss_peak), over the
+    weights and optimizer state counted from the arrays and tensors.
+    """
+    cfg, batch_size, seq = gpt2_setup()
+    backend = get_backend(_gpt2_device(device))
+    _gpt2_device(backend.device)  # MINILORA_DEVICE may say gpu
+    tokens = batch_size * seq
+    log(f"gpt2: building GPT-2 ({cfg.n_layer} layers, d_model {cfg.d_model}), seed {seed}")
+    model = build_gpt2_model(cfg, device, seed)
+    opt = AdamW(model)
+    idx, targets = make_batch(cfg, batch_size, seed, seq)
+    adapter = gpt2_lora_config()
+    n_trainable = int(sum(model.params[n].size for n in model.trainable_names()))
+    result: dict[str, Any] = {
+        "kind": "gpt2",
+        "config": cfg.to_dict() | {"batch_size": batch_size, "seq_len": seq, "tokens": tokens},
+        "adapter": adapter.to_dict(),
+        "trainable": {"minilora": n_trainable},
+        "torch": {"available": bool(use_torch), "threads": threads},
+    }
+    runs = {"minilora": functools.partial(training_step, model, opt, idx, targets)}
+    ref = None
+    if not use_torch:
+        result["torch"]["reason"] = "--no-torch"
+    else:
+        ok, versions = peft_available()
+        if not ok:  # run_benchmark refuses this before anything is measured
+            raise ValueError(f"--config gpt2 needs transformers + PEFT: {versions}")
+        log("gpt2: the same weights and adapter in transformers + PEFT; logits compared")
+        ref = peft_gpt2(model)
+        result["torch"] |= {"version": versions, "attention": ref["attention"]}
+        result["torch"]["logits"] = peft_logit_difference(model, ref["model"], idx[:2])
+        result["trainable"]["peft"] = ref["trainable"]
+        runs["peft"] = functools.partial(ref["step"], idx, targets)
+
+    log(f"gpt2: LoRA training steps ({warmup} warm-up + {steps} timed, alternating)")
+    settle = settle if ref else 0.0
+    with torch_threads(threads) if ref else contextlib.nullcontext():
+        timed = time_alternately(runs, steps, warmup, backend.synchronize, settle)
+        log("gpt2: memory of a step (tracemalloc; resident set high-water mark)")
+        measured = measure_memory(model, opt, idx, targets)
+        rss = {"minilora": rss_peak(runs["minilora"])}
+        state = {"minilora": {"weights": measured["weights"], "optimizer": measured["optimizer"]}}
+        if ref:
+            rss["peft"] = rss_peak(runs["peft"])
+            state["peft"] = torch_state_bytes(ref["model"], ref["optimizer"])
+    result["torch"]["settle_s"] = settle
+    result["training"] = {
+        side: t | {"tokens_per_s": tokens / (t["median_ms"] / 1e3)} for side, t in timed.items()
+    }
+    if ref:
+        result["training"]["minilora_over_peft"] = (
+            timed["minilora"]["median_ms"] / timed["peft"]["median_ms"]
+        )
+    predicted = predicted_memory(cfg, batch_size, "lora", adapter.target_modules, seq)
+    result["memory"] = {
+        "method": "tracemalloc peak",
+        "minilora": measured | {"predicted": predicted},
+        "rss": {side: _rss_total(r, state[side]) for side, r in rss.items()},
+    }
+    result["what_it_takes"] = {  # 1,000 steps of batch x seq tokens at the median step time
+        side: {"minutes_per_1000_steps": t["median_ms"] / 60.0, "tokens": 1000 * tokens}
+        for side, t in timed.items()
+    }
+    return result
+
+
+def _rss_total(rss: dict[str, int] | None, counted: dict[str, int]) -> dict[str, int] | None:
+    """The same method for both libraries: weights + optimizer state (counted from the
+    arrays or tensors) + the step's resident-memory high-water mark above its start."""
+    if rss is None:  # not Linux
+        return None
+    return rss | counted | {"peak": counted["weights"] + counted["optimizer"] + rss["above"]}
+
+
+def _gpt2_device(device: str | None) -> str | None:
+    """The gpt2 configuration measures the CPU: a GPU is refused before it is looked for."""
+    if device == "gpu":
+        raise ValueError("--config gpt2 measures the CPU (a laptop's question); use --device cpu")
+    return device
+
+
 def _with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     def run() -> Any:
         with limited_threads(n):
@@ -246,12 +360,22 @@ def run_benchmark(
     tiny only, a small matmul and one instrumented step (a fast pass for the tests).
     ``busy``: everything runs while :func:`busy_core` keeps one core busy.
     """
+    if configs is not None and "gpt2" in configs:
+        _gpt2_device(device)
     backend = get_backend(device)
     if configs is None:
         configs = ("tiny",) if quick else DEFAULT_CONFIGS[backend.device]
     configs = [one_of("config", c, CONFIGS) for c in configs]
     steps = positive_int("steps", steps)
     warmup = non_negative_int("warmup", warmup)
+    if "gpt2" in configs:  # before minutes of measuring
+        _gpt2_device(backend.device)
+        ok, why = peft_available()
+        if use_torch and not ok:
+            raise ValueError(
+                f"--config gpt2 compares with transformers + PEFT, which do not import ({why}), "
+                "or pass --no-torch"
+            )
     meta = environment(backend)
     threads = meta["blas"]["threads"]
     settings = {
@@ -270,8 +394,11 @@ def run_benchmark(
         n = 256 if quick else (4096 if backend.device == "gpu" else 2048)
         log(f"matmul rate: ({n}, {n}) @ ({n}, {n}) float32")
         mm = matmul_rate(backend, n)
+        settle = 0.0 if quick else SETTLE_S
         results = {
-            name: bench_config(
+            name: bench_gpt2(backend.device, seed, steps, warmup, use_torch, threads, settle, log)
+            if name == "gpt2"
+            else bench_config(
                 name,
                 backend.device,
                 seed,
@@ -281,7 +408,7 @@ def run_benchmark(
                 threads,
                 mm["gflops"],
                 op_passes=1 if quick else 2,
-                settle=0.0 if quick else SETTLE_S,
+                settle=settle,
                 log=log,
             )
             for name in configs

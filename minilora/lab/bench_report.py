@@ -165,8 +165,87 @@ def _ops_lines(ops: dict[str, Any]) -> list[str]:
     return _table(rows, "<" + ">" * 8)
 
 
+def _gpt2_lines(name: str, r: dict[str, Any]) -> list[str]:
+    """The gpt2 configuration: a LoRA step, minilora against transformers + PEFT."""
+    c, a, n, tr = r["config"], r["adapter"], r["trainable"], r["training"]
+    lora = f"LoRA r={a['r']} alpha={a['alpha']:g}"
+    lines = [
+        f"== {name}: GPT-2 small's shape with random weights (GPT-2's init): {c['n_layer']} "
+        f"layers, {c['n_head']} heads, d_model {c['d_model']}, vocab {c['vocab_size']}, "
+        f"{c['block_size']} positions; batch {c['batch_size']} x {c['seq_len']} tokens "
+        f"({c['tokens']:,} per step)",
+        f"minilora: {lora} on {', '.join(a['target_modules'])} ({n['minilora']:,} trainable)",
+    ]
+    if "peft" in n:
+        lines += textwrap.wrap(
+            f"PEFT: {lora} on the fused c_attn ({n['peft']:,} trainable): GPT-2's q, k, v are "
+            "one layer there, so PEFT cannot adapt q and v alone; r=8 on c_attn has the same "
+            "count and adapter FLOPs, and here the same function (v's A = q's A)",
+            100,
+        )
+        lines += [
+            f"same weights in transformers + PEFT ({r['torch']['attention']} attention): max "
+            f"|logit difference| {r['torch']['logits']['max_abs_diff']:.1e} (largest |logit| "
+            f"{r['torch']['logits']['max_abs']:.2g})",
+        ]
+    else:
+        lines.append(f"PEFT not compared: {r['torch'].get('reason', '')}")
+    sides = [("minilora", "minilora")]
+    if "peft" in tr:
+        sides.append(("peft", f"PEFT, PyTorch eager, {r['torch']['threads']} threads"))
+    rows = [["LoRA training step", "median ms", "min ms", "tokens/s", "1,000 steps"]]
+    for side, label in sides:
+        t, take = tr[side], r["what_it_takes"][side]
+        rows.append(
+            [
+                label,
+                _ms(t["median_ms"]),
+                _ms(t["min_ms"]),
+                f"{t['tokens_per_s']:,.0f}",
+                f"{take['minutes_per_1000_steps']:.1f} min",
+            ]
+        )
+    if "peft" in tr:
+        rows.append(["minilora / PEFT", f"{tr['minilora_over_peft']:.2f}", "", "", ""])
+    lines += ["", *_table(rows, "<>>>>")]
+    mem = r["memory"]
+    m = mem["minilora"]
+    rows = [[f"memory of a step, MB ({mem['method']})", "minilora", "predicted"]]
+    for key in ("weights", "gradients", "optimizer", "activations"):
+        rows.append([key, _mb(m[key]), _mb(m["predicted"][key])])
+    rows.append(["peak (total)", _mb(m["peak"]), _mb(m["predicted"]["total"])])
+    rows.append(["  estimate error", "", _error(m["predicted"]["total"], m["peak"])])
+    lines += ["", *_table(rows, "<>>")]
+    rss = {side: v for side, v in mem["rss"].items() if v}
+    if rss:
+        rows = [
+            ["resident memory, MB"] + [{"minilora": "minilora", "peft": "PEFT"}[k] for k in rss]
+        ]
+        for key, label in (
+            ("weights", "weights (counted)"),
+            ("optimizer", "optimizer state (counted)"),
+            ("above", "step: RSS high-water above its start"),
+            ("peak", "peak (the three)"),
+        ):
+            rows.append([label] + [_mb(v[key]) for v in rss.values()])
+        lines += [
+            "",
+            *_table(rows, "<" + ">" * len(rss)),
+            *textwrap.wrap(
+                "(RSS: Linux's VmHWM, reset before one step, after glibc's malloc_trim handed "
+                "free memory back: the pages the step touches, whichever library allocates them; "
+                "on minilora's step it reads near tracemalloc's peak above the weights and "
+                "optimizer state)",
+                100,
+            ),
+        ]
+    return lines
+
+
 def format_config(name: str, r: dict[str, Any]) -> list[str]:
     """The lines of one configuration's part of the table."""
+    if r.get("kind") == "gpt2":
+        return _gpt2_lines(name, r)
     c = r["config"]
     title = (
         f"== {name}: batch {c['batch_size']}, seq {c['block_size']}, d_model {c['d_model']}, "
@@ -212,7 +291,9 @@ def format_results(results: dict[str, Any]) -> str:
         ),
         f"PyTorch {meta['torch'] or 'not installed'}, Python {meta['python']}",
         f"{s['dtype']}, LoRA r={s['lora']['r']} alpha={s['lora']['alpha']:g} on "
-        f"{','.join(s['lora']['target_modules'])}, {s['optimizer']}",
+        f"{','.join(s['lora']['target_modules'])}"
+        + (" (gpt2: on q,v)" if "gpt2" in results["configs"] else "")
+        + f", {s['optimizer']}",
         f"medians of {s['steps']} steps after {s['warmup']} warm-up, runs alternating"
         + (f", {SETTLE_S} s idle before each with PyTorch" if s["torch"] and not s["quick"] else "")
         + ("; BUSY: a helper process keeps one core busy" if s["busy"] else ""),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
+import re
 import tracemalloc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from minilora.basics.backend import Backend
@@ -100,14 +104,68 @@ def measure_memory(model: GPT, opt: AdamW, idx: Any, targets: Any) -> dict[str, 
     }
 
 
-def predicted_memory(cfg: GPTConfig, batch_size: int, mode: str) -> dict[str, int]:
-    """What ``params.memory_estimate`` predicts for this step (float32, AdamW)."""
-    config = cfg.to_dict() | {"batch_size": batch_size}
+def predicted_memory(
+    cfg: GPTConfig,
+    batch_size: int,
+    mode: str,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    seq_len: int | None = None,
+) -> dict[str, int]:
+    """What ``params.memory_estimate`` predicts for this step (float32, AdamW).
+
+    ``seq_len``: tokens per sequence when shorter than the block (gpt2: 128 of 1024).
+    memory_estimate reads one block_size for both; it is given ``seq_len``, and the
+    position rows the step does not use, still stored in wpe, are added to the weights.
+    """
+    seq = cfg.block_size if seq_len is None else seq_len
+    config = cfg.to_dict() | {"batch_size": batch_size, "block_size": seq}
     config.pop("dropout")
     r = LORA_R if mode == "lora" else None
-    est = memory_estimate(config, r, LORA_TARGETS, bytes_per_param=4)
+    est = memory_estimate(config, r, targets, bytes_per_param=4)
+    unused_positions = (cfg.block_size - seq) * cfg.d_model * 4
+    est["weights"] += unused_positions
+    est["total"] += unused_positions
     keys = ("weights", "gradients", "optimizer", "activations", "total")
     return {k: int(est[k]) for k in keys}
+
+
+# ------------------------------------------ resident memory: any library, Linux only
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)[1])
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system (no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def rss_peak(fn: Callable[[], Any]) -> dict[str, int] | None:
+    """Resident memory of the process around ``fn()``, for libraries tracemalloc does
+    not see (PyTorch allocates outside Python): {"before": RSS before, "peak": the
+    high-water mark during the call, "above": peak - before}, in bytes.
+
+    Linux: writing "5" to /proc/self/clear_refs resets the high-water mark VmHWM to the
+    current RSS; VmHWM after the call is the peak. It counts pages touched, so memory
+    the allocator kept from earlier calls and reuses unseen would be missing: glibc's
+    ``malloc_trim(0)`` first hands the free memory back to the system (NumPy and
+    PyTorch's CPU tensors both allocate through it). Still a lower bound of what the
+    call needs beyond what existed. None where /proc does not allow it.
+    """
+    gc.collect()
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+    except (OSError, TypeError):  # not Linux, not allowed, or no such field
+        return None
+    fn()
+    peak = _status_kb("VmHWM")
+    return {"before": 1024 * before, "peak": 1024 * peak, "above": 1024 * (peak - before)}
 
 
 def memory_report(

@@ -6,6 +6,10 @@ runs the architecture written out with torch's own layer norm, tanh GELU, softma
 autograd. ``tests/test_torch_reference.py`` compares logits, loss and every gradient
 against it; ``bench.py`` times its training step next to minilora's.
 
+The gpt2 benchmark's reference is not this model but the one a learner would use:
+transformers' GPT2LMHeadModel with PEFT's LoRA (:func:`peft_gpt2`), given the same
+weights and the same adapter.
+
 PyTorch is optional (the ``ref`` extra): this module imports without it, and torch is
 imported only inside the functions that need it.
 """
@@ -22,6 +26,7 @@ import numpy as np
 from minilora.basics.backend import to_host
 from minilora.core.model import GPT
 from minilora.core.optim import ADAMW_DEFAULTS
+from minilora.files.gpt2 import PREFIX, hf_config, to_gpt2
 
 Tensor = Any  # a torch.Tensor (torch is imported lazily)
 
@@ -195,3 +200,118 @@ def torch_logit_difference(model: GPT, idx: Any) -> float:
         ref = torch_forward(sd, model.config, ids, lora).numpy()
     ours = to_host(model.forward(idx)).astype(np.float64)
     return float(np.max(np.abs(ours - ref)))
+
+
+# ------------------------------------------------- GPT-2 in transformers + PEFT
+def peft_available() -> tuple[bool, str]:
+    """(True, versions) when torch, transformers and peft import, else (False, the reason)."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as err:
+        return False, f"{err}; pip install -e '.[ref]'"
+    return True, f"PyTorch {torch.__version__}, transformers {transformers.__version__}, " + (
+        f"PEFT {peft.__version__}"
+    )
+
+
+def peft_gpt2(model: GPT, lr: float = ADAMW_DEFAULTS["lr"]) -> dict[str, Any]:
+    """``model`` as a learner would train it in PyTorch: GPT2LMHeadModel + PEFT LoRA.
+
+    transformers' GPT-2 gets ``model``'s base weights (files.gpt2.to_gpt2: fused,
+    transposed; the head tied to wte); PEFT's LoRA with the adapter's r and alpha sits on
+    the fused ``c_attn``, holding minilora's q, k, v adapters: A is their common A (they
+    must share it, as reference.build_gpt2_model makes them), B their B's in their row
+    blocks, zeros for a module without one. Same function, same number of trainable
+    numbers when q and v are adapted: r (d + 3d) per block = 2 r (d + d). The optimizer
+    is torch's AdamW with minilora's defaults. Returns {"model": the PeftModel in
+    training mode, "optimizer", "step": step(idx, targets) -> loss (host int arrays in,
+    forward + loss + backward + AdamW + zero_grad), "trainable": count, "attention":
+    transformers' attention implementation}.
+    """
+    import peft
+    import torch
+    import transformers
+
+    adapter = model.adapters[model.active_adapters[0]]
+    config, name, cfg = adapter.config, adapter.name, model.config
+    qkv = [t for t in "qkv" if t in config.target_modules]
+    if not qkv or len(qkv) != len(config.target_modules):
+        raise ValueError(f"peft_gpt2 maps q, k, v adapters only; targets {config.target_modules}")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(cfg, model.dtype)))
+    base = {n: to_host(model.params[n]) for n in model.base_names()}
+    state = {PREFIX + k: torch.from_numpy(v) for k, v in to_gpt2(base, cfg).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is wte, tied
+        raise ValueError(f"GPT-2 state: missing {missing}, unexpected {unexpected}")
+    lora = peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,  # Conv1D stores W as (d_in, d_out)
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = peft.get_peft_model(hf, lora)
+    d = cfg.d_model
+    with torch.no_grad():
+        for i in range(cfg.n_layer):
+            A = [to_host(model.params[f"h.{i}.attn.{t}.lora_A.{name}"]) for t in qkv]
+            if any(not np.array_equal(a, A[0]) for a in A):
+                raise ValueError(f"block {i}: the q, k, v adapters must share A (rank r on c_attn)")
+            B_c = np.zeros((3 * d, config.r), dtype=A[0].dtype)
+            for t in qkv:
+                j = "qkv".index(t)
+                B_c[j * d : (j + 1) * d] = to_host(model.params[f"h.{i}.attn.{t}.lora_B.{name}"])
+            c_attn = peft_model.base_model.model.transformer.h[i].attn.c_attn
+            c_attn.lora_A["default"].weight.copy_(torch.from_numpy(A[0]))
+            c_attn.lora_B["default"].weight.copy_(torch.from_numpy(B_c))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, **{**ADAMW_DEFAULTS, "lr": lr})
+    peft_model.train()  # every dropout probability is 0 (hf_config of a dropout-0 model)
+
+    def step(idx: Any, targets: Any) -> float:
+        ids = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        loss = torch_loss(peft_model(input_ids=ids, use_cache=False).logits, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return {
+        "model": peft_model,
+        "optimizer": opt,
+        "step": step,
+        "trainable": int(sum(p.numel() for p in trainable)),
+        "attention": getattr(hf.config, "_attn_implementation", None),
+    }
+
+
+def peft_logit_difference(model: GPT, peft_model: Any, idx: Any) -> dict[str, float]:
+    """max |logits(minilora) - logits(PEFT)| and max |logit| for the same ids, both in
+    evaluation mode (PEFT's model is put back into training mode)."""
+    import torch
+
+    peft_model.eval()
+    with torch.no_grad():
+        ids = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        ref = peft_model(input_ids=ids, use_cache=False).logits.numpy().astype(np.float64)
+    peft_model.train()
+    ours = to_host(model.eval().forward(idx)).astype(np.float64)
+    model.train()
+    return {"max_abs_diff": float(np.max(np.abs(ours - ref))), "max_abs": float(np.abs(ref).max())}
+
+
+def torch_state_bytes(peft_model: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes of every parameter (tied ones once) and of the optimizer's state tensors."""
+    import torch
+
+    weights = sum(p.numel() * p.element_size() for p in peft_model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "weights": int(weights),
+        "optimizer": int(sum(t.numel() * t.element_size() for t in state)),
+    }
