@@ -252,6 +252,10 @@ def test_results_of_each_kernel_get_their_own_file(tmp_path, monkeypatch, capsys
         else "results-cpu-haswell.json"
     )
     assert machine.results_filename(one) == ones
+    # a run of named configurations does not replace the default run's file
+    hw = {"device": "cpu", "blas": {"kernel": "Haswell"}}
+    assert machine.results_filename(hw, ["gpt2"]) == "results-cpu-haswell-gpt2.json"
+    assert machine.results_filename(hw, ["small", "tiny"]) == "results-cpu-haswell-small-tiny.json"
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")  # recorded, not applied (too late)
     assert main(["bench", "--quick", "--no-torch", "--json", str(tmp_path)]) == 0
     name = machine.results_filename({"device": "cpu", "blas": bench.blas_info()})
@@ -419,3 +423,17 @@ def test_peft_gpt2_step_starts_at_minilora_loss_and_trains(tiny_gpt2):
     theirs = [ref["step"](idx, targets) for _ in range(3)]
     assert ours[0] == pytest.approx(theirs[0], rel=1e-6)
     assert ours[2] < ours[0] and theirs[2] < theirs[0]
+
+
+def test_a_named_configuration_gets_its_own_results_file(tmp_path):
+    """`--json DIR --config tiny` writes results-<kernel>-tiny.json, beside the default
+    run's file instead of over it (a gpt2 run once replaced a small run's JSON)."""
+    from minilora.cli.main import main
+    from minilora.lab import machine
+
+    assert (
+        main(["bench", "--quick", "--no-torch", "--config", "tiny", "--json", str(tmp_path)]) == 0
+    )
+    meta = {"device": "cpu", "blas": bench.blas_info()}
+    assert [p.name for p in tmp_path.iterdir()] == [machine.results_filename(meta, ["tiny"])]
+    assert machine.results_filename(meta, ["tiny"]).endswith("-tiny.json")

@@ -505,10 +505,11 @@ def bench_command(args: Namespace) -> int:
     json_path = None
     if args.json:  # before minutes of measuring: a path that cannot be written fails now
         json_path = Path(args.json)
-        if json_path.is_dir():  # a folder: a file named for this machine's kernel, beside others
+        if json_path.is_dir():  # a folder: a file named for this machine's kernel (and
+            # the --config named), beside others
             backend = get_backend(args.device)
             meta = {"device": backend.device, "blas": blas_info(backend)}
-            json_path = json_path / results_filename(meta)
+            json_path = json_path / results_filename(meta, args.config)
         check_writable_file(json_path)
     given = [f"--{name} {getattr(args, name)}" for name in ("steps", "warmup")]
     given = [flag for flag in given if not flag.endswith(" None")]

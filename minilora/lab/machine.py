@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,13 +99,16 @@ THREAD_ENV = (
 """Environment variables that change the BLAS's kernel or threads: recorded when set."""
 
 
-def results_filename(meta: dict[str, Any]) -> str:
+def results_filename(meta: dict[str, Any], configs: Sequence[str] | None = None) -> str:
     """A results file's name that says where the numbers came from, so that the runs of
     several machines and kernels sit side by side in benchmarks/ instead of replacing
     each other: results-cpu-haswell.json, results-cpu-sandybridge-1thread.json (fewer
-    BLAS threads than cores), results-gpu.json."""
+    BLAS threads than cores), results-gpu.json. ``configs``: the configurations named
+    on the command line (None: the default set), as in results-cpu-haswell-gpt2.json,
+    so that a run of one configuration does not replace a run of the others."""
+    suffix = "".join(f"-{c}" for c in configs or ())
     if meta["device"] != "cpu":
-        return f"results-{meta['device']}.json"
+        return f"results-{meta['device']}{suffix}.json"
     blas = meta["blas"]
     kernel = blas.get("kernel")
     name = "results-cpu"
@@ -113,7 +117,7 @@ def results_filename(meta: dict[str, Any]) -> str:
     threads = blas.get("threads")
     if threads and threads < usable_cores():
         name += f"-{threads}thread{'s' * (threads != 1)}"
-    return name + ".json"
+    return name + suffix + ".json"
 
 
 def load_average() -> list[float] | None:
