@@ -11,11 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from minilora.lab.claims import smallest_cosine
 from minilora.lab.plots import pyplot
-
-
-def _min_cos(run: dict[str, Any]) -> float:
-    return min(min(v) for k, v in run.items() if k.startswith(("cos_col:", "cos_row:")))
 
 
 def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
@@ -57,7 +54,7 @@ def plot_claims(data: dict[str, Any], path: str | Path) -> Any:
 
     ax = axes[1]
     for r in ranks:
-        cos = [_min_cos(x) for x in runs if x["r"] == r]
+        cos = [smallest_cosine(x) for x in runs if x["r"] == r]
         ax.scatter([r] * len(cos), cos, color="C1", alpha=0.6, s=18)
     d = res["single"]["similarity"][0]["floor_top1"] ** -1 if single["similarity"] else None
     ax.axhline(0.9, color="gray", ls=":", label="0.9 (the issue's bar)")

@@ -155,6 +155,11 @@ def planted_run(
         return record
 
 
+def smallest_cosine(run: Record) -> float:
+    """A planted run's smallest principal cosine, over its modules and both sides."""
+    return min(min(v) for k, v in run.items() if k.startswith(("cos_col:", "cos_row:")))
+
+
 def tune_lr(
     ranks: Sequence[int], grid: Sequence[float], setting: str, steps: int, processes: int | None
 ) -> tuple[dict[int, float], list[Record]]:

@@ -110,10 +110,6 @@ def _kl_by_rank(sweep: dict[str, Any]) -> dict[int, float]:
     return {r: _mean([x["kl"] for x in sweep["runs"] if x["r"] == r]) for r in ranks}
 
 
-def _min_cos(run: dict[str, Any]) -> float:
-    return min(min(v) for k, v in run.items() if k.startswith(("cos_col:", "cos_row:")))
-
-
 def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per claim: id, claim, paper, ours (text), number, verdict, why."""
     out = []
@@ -182,7 +178,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     kl = _kl_by_rank(single)
     kl0 = _mean([x["kl0"] for x in single["runs"]])
     runs4 = [x for x in single["runs"] if x["r"] == C.PLANT_RANK]
-    cos4 = min(_min_cos(x) for x in runs4)
+    cos4 = min(C.smallest_cosine(x) for x in runs4)
     top = max(kl)
     below = max((r for r in kl if r < C.PLANT_RANK), default=None)
     knee = kl[4] <= 1.1 * kl[top] and (below is None or kl[4] < 0.5 * kl[below])
