@@ -73,6 +73,21 @@ def write_peft(folder, config, tensors):
     save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
 
 
+def write_patterned(folder, tensors, rng, dora=False):
+    """Add a rank-2 c_fc adapter in block 1 (its own alpha, 3) to ``tensors`` and write
+    them with rank and alpha patterns; returns c_fc's A, B and (DoRA) magnitude."""
+    C = CFG.d_model
+    A_fc, B_fc = rng.normal(size=(2, C)), rng.normal(size=(4 * C, 2))
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_A.weight"] = A_fc
+    tensors[f"{PREFIX}.1.mlp.c_fc.lora_B.weight"] = B_fc
+    m_fc = rng.normal(size=4 * C) if dora else None
+    if dora:
+        tensors[f"{PREFIX}.1.mlp.c_fc.lora_magnitude_vector"] = m_fc
+    patterns = {"rank_pattern": {"c_fc": 2}, "alpha_pattern": {"c_fc": 3}}
+    write_peft(folder, {"target_modules": ["c_attn", "c_fc"], "use_dora": dora} | patterns, tensors)
+    return A_fc, B_fc, m_fc
+
+
 def c_attn_tensors(blocks=(0, 1), r=4, seed=0):
     rng = np.random.default_rng(seed)
     C = CFG.d_model
@@ -105,20 +120,7 @@ def test_fused_c_attn_splits_into_q_k_v_exactly(tmp_path):
 
 def test_patterns_are_padded_and_folded(tmp_path):
     """c_fc with rank 2 and its own alpha, c_attn rank 4: one rank-4 adapter, same ΔW."""
-    rng = np.random.default_rng(1)
-    tensors = c_attn_tensors(blocks=(0,))
-    A_fc, B_fc = rng.normal(size=(2, 8)), rng.normal(size=(32, 2))
-    tensors[f"{PREFIX}.1.mlp.c_fc.lora_A.weight"] = A_fc
-    tensors[f"{PREFIX}.1.mlp.c_fc.lora_B.weight"] = B_fc
-    write_peft(
-        tmp_path,
-        {
-            "target_modules": ["c_attn", "c_fc"],
-            "rank_pattern": {"c_fc": 2},
-            "alpha_pattern": {"c_fc": 3},
-        },
-        tensors,
-    )
+    A_fc, B_fc, _ = write_patterned(tmp_path, c_attn_tensors(blocks=(0,)), np.random.default_rng(1))
     model = random_model(CFG)
     ml.load_adapter(model, tmp_path)
     config = model.adapters["default"].config
@@ -299,20 +301,7 @@ def test_dora_import_splits_the_magnitude_and_folds_the_patterns(tmp_path):
     tensors = c_attn_tensors(blocks=(0,))
     m_c = rng.uniform(0.5, 2.0, 3 * C)
     tensors[f"{PREFIX}.0.attn.c_attn.lora_magnitude_vector"] = m_c
-    A_fc, B_fc, m_fc = rng.normal(size=(2, C)), rng.normal(size=(4 * C, 2)), rng.normal(size=4 * C)
-    tensors[f"{PREFIX}.1.mlp.c_fc.lora_A.weight"] = A_fc
-    tensors[f"{PREFIX}.1.mlp.c_fc.lora_B.weight"] = B_fc
-    tensors[f"{PREFIX}.1.mlp.c_fc.lora_magnitude_vector"] = m_fc
-    write_peft(
-        tmp_path,
-        {
-            "target_modules": ["c_attn", "c_fc"],
-            "use_dora": True,
-            "rank_pattern": {"c_fc": 2},
-            "alpha_pattern": {"c_fc": 3},
-        },
-        tensors,
-    )
+    A_fc, B_fc, m_fc = write_patterned(tmp_path, tensors, rng, dora=True)
     model = random_model(CFG)
     ml.load_adapter(model, tmp_path)
     config = model.adapters["default"].config
