@@ -3,6 +3,7 @@ in float64, plus the behaviour each pair promises (masking, stability, flags, dr
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -131,15 +132,46 @@ def tanh_gelu(x):
     return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
+def tail_gelu(x):
+    """The same function for x < 0 without the cancellation in 1 + tanh(u) (which is 0
+    in floating point once tanh(u) rounds to -1): 0.5 (1 + tanh u) = e^{2u} / (1 + e^{2u})."""
+    e = math.exp(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
+    return x * e / (1.0 + e)
+
+
 def test_gelu_hand_values():
-    """gelu(0)=0, gelu(1)~0.841192, gelu(10)~10, gelu(-10)~0, and the tanh formula."""
-    xs = np.array([0.0, 1.0, -1.0, 0.5, 10.0, -10.0])
+    """gelu(0)=0, gelu(1)~0.841192, gelu(10)~10, and the tanh formula; far left, the
+    exact tail x e^{2u} / (1 + e^{2u}) (about -1.2e-37 at -10), not the tanh form's 0."""
+    xs = np.array([0.0, 1.0, -1.0, 0.5, 10.0, -3.0, -10.0])
     y, _ = L.gelu_forward(xs)
-    np.testing.assert_allclose(y, [tanh_gelu(x) for x in xs], rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(y[:5], [tanh_gelu(x) for x in xs[:5]], rtol=1e-14)
+    np.testing.assert_allclose(y[5:], [tail_gelu(x) for x in xs[5:]], rtol=1e-13)
     assert y[0] == 0.0
     assert abs(y[1] - 0.8411919906082768) < 1e-12
     assert abs(y[4] - 10.0) < 1e-12
-    assert abs(y[5]) < 1e-12
+    assert -1.3e-37 < y[6] < -1.1e-37
+
+
+def test_gelu_far_left_float32_is_zero_without_warnings():
+    """In float32 exp(-2u) overflows to inf below about x = -10: GELU is then -0.0 and
+    its gradient 0 (the right limits), with no overflow warning and no nan."""
+    x = np.array([[-30.0, -12.0, -9.0, 0.0, 12.0, 30.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, cache = L.gelu_forward(x)
+        dx = L.gelu_backward(np.ones_like(x), cache)
+    assert y.dtype == np.float32 and np.isfinite(y).all() and np.isfinite(dx).all()
+    np.testing.assert_array_equal(y[0, :2], [0.0, 0.0])
+    np.testing.assert_array_equal(dx[0, :2], [0.0, 0.0])
+    np.testing.assert_allclose(y[0, 4:], [12.0, 30.0], rtol=1e-7)
+    np.testing.assert_allclose(dx[0, 4:], [1.0, 1.0], rtol=1e-7)
+
+
+def test_gelu_gradient_in_the_tails():
+    """The backward matches finite differences where s = sigmoid(2u) is near 0 and 1."""
+    x = np.array([[-9.0, -6.0, -4.0, 4.0, 6.0]])
+    results = gradcheck(L.gelu_forward, L.gelu_backward, {"x": x})
+    assert_all_pass(results, ["x"])
 
 
 # ------------------------------------------------------------------------ softmax

@@ -12,6 +12,7 @@ PCG64 or CuPy's), so they are reproducible per device but differ between devices
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import ModuleType
 from typing import Any
@@ -174,6 +175,13 @@ def scatter_add(target: Any, indices: Any, values: Any) -> None:
         cupyx.scatter_add(target, indices, values)
     else:
         np.add.at(target, indices, values)
+
+
+def overflow_allowed(xp: ModuleType) -> contextlib.AbstractContextManager:
+    """A block in which an overflow to inf is expected and not warned about: NumPy's
+    ``errstate(over="ignore")``; CuPy never warns, so there it is a no-op. The setting
+    is per thread (a context variable), so every thread that needs it enters it."""
+    return np.errstate(over="ignore") if xp is np else contextlib.nullcontext()
 
 
 def finite_as(host_array: np.ndarray, dtype: Any) -> bool:
