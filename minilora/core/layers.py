@@ -400,7 +400,10 @@ def cross_entropy_forward(
     t = targets.reshape(-1)
     counted = t != ignore_index
     z = z - z.max(axis=-1, keepdims=True)
-    logsumexp = xp.log(xp.exp(z).sum(axis=-1))
+    probs = xp.exp(z)  # divided by its row sums below: softmax(logits), for the backward
+    sums = xp.sum(probs, axis=-1)
+    logsumexp = xp.log(sums)
+    probs /= sums[:, None]
     safe_t = xp.where(counted, t, 0)  # any valid index; these rows are masked below
     rows = xp.arange(z.shape[0])
     nll = (logsumexp - z[rows, safe_t]) * counted
@@ -412,7 +415,6 @@ def cross_entropy_forward(
     if n == 0:
         raise ValueError("cross-entropy: every target equals ignore_index; nothing to average")
     loss = total / n
-    probs = xp.exp(z - logsumexp[:, None])
     return loss, (probs, safe_t, counted, n, logits.shape)
 
 
