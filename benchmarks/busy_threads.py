@@ -6,7 +6,7 @@ one core busy (lab/busy_core.py); then the same pair on the quiet machine. Print
 wall time of every run, each one's median, and auto / 1. The wall time includes the
 process start and the import (the same for both), so it is what a user waits for.
 
-    python benchmarks/busy_threads.py              # 3 rounds, about 3 minutes on 2 cores
+    python benchmarks/busy_threads.py              # 3 rounds, about 4 minutes on 2 cores
     python benchmarks/busy_threads.py --rounds 5 --steps 60
 """
 
