@@ -50,6 +50,28 @@ def test_a_training_run_is_a_deterministic_record():
     assert {"val_loss", "val_exact", "train_loss"} <= set(first)
 
 
+def test_an_adapter_run_saves_what_it_trained(tmp_path):
+    from minilora.basics.blas import limited_threads
+    from minilora.files.checkpoints import load_adapter, load_base
+    from minilora.lab.runs import adapter_run
+    from minilora.training.data import get_task
+
+    directory = tmp_path / "rot"
+    run = adapter_run(task="rot", name="rot", directory=str(directory), targets=("q", "v"), steps=3)
+    assert run["seconds"] > 0 and run["steps"] == 3
+    fresh, tok = load_base()
+    assert load_adapter(fresh, directory) == "rot" and fresh.active_adapters == ["rot"]
+    assert sorted(fresh.adapters["rot"].modules) == sorted(
+        f"h.{i}.attn.{t}" for i in range(4) for t in ("q", "v")
+    )
+    task = get_task("rot", tokenizer=tok)
+    idx = task.eval_batch(256, task.block_size, seed=0).idx
+    with limited_threads(1):  # the run's own thread count: the same rounding, bit for bit
+        np.testing.assert_array_equal(fresh.forward(idx), run["val_logits"])
+    base, _ = load_base()
+    assert np.abs(base.forward(idx) - run["val_logits"]).max() > 1e-3  # 3 steps moved it
+
+
 @pytest.mark.slow
 def test_quick_figures_draw_all_eleven_with_their_data(tmp_path):
     from minilora.lab.figures import NAMES, make_figures

@@ -4,7 +4,8 @@ Every run fine-tunes the shipped base (checkpoints.BUILTIN_BASE: 4 layers, d_mod
 on a built-in task, with the settings experiments.py explains (TASK_DEFAULTS: the
 targets and steps per task). :func:`train_run` is one run; :func:`runs` sends a list of
 settings through :func:`sweep.run_sweep`: one process per core, one BLAS thread each,
-the same numbers whatever the number of processes.
+the same numbers whatever the number of processes. :func:`adapter_run` trains one named
+adapter and saves it, for a notebook that trains several side by side and loads them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from minilora.basics.blas import limited_threads
 from minilora.core import params
 from minilora.core.adapters import add_adapter
 from minilora.core.lora import LoraConfig, delta_weight, gaussian_std, lora_names
-from minilora.files.checkpoints import load_base
+from minilora.files.checkpoints import load_base, save_adapter
 from minilora.lab.sweep import run_sweep
 from minilora.training.data import FixedPoolTask, get_task
 from minilora.training.planted import PlantedRankTask
@@ -151,6 +152,42 @@ def train_run(
             record[f"delta:{m}"] = delta_weight(A, B, lcfg.scale)
             record[f"A:{m}"] = A
     return record
+
+
+def adapter_run(
+    *,
+    task: str,
+    name: str,
+    directory: str,
+    targets: Sequence[str] = ("q", "k", "v", "o"),
+    r: int = 8,
+    alpha: float = 16.0,
+    steps: int = 300,
+    seed: int = 0,
+    lr: float = LORA_LR,
+) -> Record:
+    """Train adapter ``name`` for ``task`` on the shipped base; save it to ``directory``.
+
+    What a notebook would do in its own process (add_adapter, a Trainer on one BLAS
+    thread, save_adapter), as a job for sweep.run_sweep: independent adapters train in
+    separate processes, one per core, and the notebook loads their files. A is seeded
+    by ``seed`` and ``name``, as ``add_adapter(model, config, name=name, seed=seed)``
+    seeds it anywhere. Returns the seconds of training and the trained model's logits
+    on the 256 held-out prompts ``eval_batch(256, block_size, seed=0)``: what the saved
+    adapter, loaded into a fresh base, must give again.
+    """
+    model, tokenizer = load_base()
+    task_obj = get_task(task, tokenizer=tokenizer)
+    add_adapter(model, LoraConfig(r, alpha, 0.0, tuple(targets)), name=name, seed=seed)
+    trainer = experiment_trainer(model, task_obj, steps, task_obj.block_size, lr, seed)
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    save_adapter(model, directory, name=name)
+    val = task_obj.eval_batch(256, task_obj.block_size, seed=0)
+    with limited_threads(1):  # as the training: the same rounding wherever it runs
+        logits = to_host(model.eval().forward(val.idx))
+    return {"task": task, "name": name, "steps": steps, "seconds": seconds, "val_logits": logits}
 
 
 def adapt(model: Any, lcfg: LoraConfig, random_B: bool, seed: int) -> None:
