@@ -1,6 +1,7 @@
 """minilora demo end to end: the claims it prints are checked here, not just its exit code."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,13 @@ def test_demo_lora_learns_the_new_rule(capsys, tmp_path):
     _, lora_char, lora_exact = result_row(out, "LoRA  ")
     assert base_exact <= 0.05
     assert lora_exact >= 0.9 and lora_char >= 0.95
+    # Where the footer says the README's NumPy, OpenBLAS, kernel and thread count, section 5
+    # must be the README's block to the last digit (it went stale once when GELU changed).
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    footer = next(line for line in readme.splitlines() if line.startswith("Computed with NumPy"))
+    if footer in out.splitlines():
+        block = readme.split("== 5. Results on 256 held-out words\n")[1].split("\n...")[0]
+        assert block in out, f"README's section 5 is stale; this run printed:\n{out}"
 
 
 def test_demo_footer_names_the_blas_kernel_and_threads(capsys, tmp_path):

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole LoRA story in about 20 s on a laptop CPU",
+        help="the whole LoRA story in 20 to 70 s on 2 cores",
         formatter_class=_formatter,
         epilog="examples:\n  minilora demo\n  minilora demo --task rot --rank 2 --quiet",
     )
