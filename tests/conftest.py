@@ -9,9 +9,12 @@ import pytest
 import minilora as ml
 from minilora.basics import backend
 from minilora.basics.backend import to_host
+from minilora.core import layers as L
 from minilora.core.gradcheck import relative_error
 from minilora.core.params import preset_config
 from minilora.lab.gradcheck_report import randomize_for_check
+from minilora.training.data import ShiftTask
+from minilora.training.train import Trainer
 
 try:
     import resource
@@ -82,6 +85,46 @@ def randomise_adapters(model, seed=1, std=0.3):
     for name in model.params:
         if ".lora_" in name:
             model.params[name][...] = model.xp.asarray(rng.normal(0, std, model.params[name].shape))
+
+
+def adapted_model(config, dtype="float64", seed=1):
+    """A random tiny model (:func:`random_model`) with the adapter ``config`` added."""
+    model = random_model(ml.GPTConfig(**TINY), seed=seed, dtype=dtype)
+    ml.add_adapter(model, config)
+    return model
+
+
+def move_trainable(model, seed=3, std=0.1):
+    """Move every trainable array off its init, as training would (LoRA's B off zero,
+    DoRA's magnitude off the norms of W, VeRA's λ_b off zero)."""
+    rng = np.random.default_rng(seed)
+    for name in model.trainable_names():
+        model.params[name] += model.xp.asarray(rng.normal(0, std, model.params[name].shape))
+    return model
+
+
+def dropout_keep(seed=0, p=0.4, shape=(3, 5, 6)):
+    """A float64 dropout multiplier for the (3, 5, d_in=6) inputs of the layer tests."""
+    return L.dropout_mask(shape, p, np.random.default_rng(seed), np.dtype("float64"))
+
+
+def stopped_and_resumed(tmp_path, config, steps=4):
+    """A run of ``steps`` steps with adapter ``config`` on SMALL_GPT in float64, whole and
+    stopped halfway, checkpointed and resumed: returns the two trainers."""
+
+    def trainer(out):
+        model = ml.GPT(ml.GPTConfig(**SMALL_GPT), seed=0, dtype="float64")
+        ml.add_adapter(model, config)
+        return Trainer(model, ShiftTask(), train_config(steps, checkpoint_every=2), out, False)
+
+    whole = trainer(tmp_path / "whole")
+    whole.run()
+    stopped = trainer(tmp_path / "stopped")
+    stopped.run(until=steps // 2)
+    stopped.save_checkpoint()
+    resumed = trainer(tmp_path / "stopped")
+    resumed.run(resume=True)
+    return whole, resumed
 
 
 def rel_error(a, b):

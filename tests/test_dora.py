@@ -7,21 +7,27 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMALL_GPT, TINY, random_model, rel_error, token_batch, train_config
+from conftest import (
+    TINY,
+    adapted_model,
+    dropout_keep,
+    move_trainable,
+    random_model,
+    rel_error,
+    stopped_and_resumed,
+    token_batch,
+)
 from test_bad_inputs import TINY as CLI_TINY
 from test_bad_inputs import TOKENIZER, run_cli
 from test_data_loss import RUN
 
 import minilora as ml
-from minilora.core import layers as L
 from minilora.core.dora import dora_backward, dora_forward, dora_weight, weight_norm
 from minilora.core.gradcheck import gradcheck
 from minilora.core.lora import LoraBranch, lora_linear_backward, lora_linear_forward
 from minilora.core.params import count_parameters
 from minilora.files import checkpoints
 from minilora.files.io import load_safetensors
-from minilora.training.data import ShiftTask
-from minilora.training.train import Trainer
 
 DORA = ml.LoraConfig(r=2, alpha=4, target_modules=("q", "v", "fc"), use_dora=True)
 
@@ -35,24 +41,6 @@ def layer(seed=0, d_in=6, d_out=4, r=2):
         B=rng.normal(size=(d_out, r)),
         m=rng.normal(1.0, 0.3, size=d_out),
     )
-
-
-def mask(seed=0, p=0.4):
-    return L.dropout_mask((3, 5, 6), p, np.random.default_rng(seed), np.dtype("float64"))
-
-
-def trained(model, seed=3, std=0.1):
-    """Move every trainable parameter (B off zero, m off its init), as training would."""
-    rng = np.random.default_rng(seed)
-    for name in model.trainable_names():
-        model.params[name] += model.xp.asarray(rng.normal(0, std, model.params[name].shape))
-    return model
-
-
-def dora_model(dtype="float64", config=DORA, seed=1):
-    model = random_model(ml.GPTConfig(**TINY), seed=seed, dtype=dtype)
-    ml.add_adapter(model, config)
-    return model
 
 
 # ------------------------------------------------------------------------- the math
@@ -71,7 +59,7 @@ def test_the_forward_is_the_linear_with_the_decomposed_weight():
 def test_with_dropout_the_correction_runs_on_the_dropped_out_input_as_in_peft():
     """PEFT's form: h = x W^T + b + (g - 1) ⊙ (D(x) W^T) + g ⊙ s D(x) A^T B^T, g = m / n:
     not x W'^T + b, and not the base on the undropped x."""
-    p, s, keep = layer(), 0.5, mask()
+    p, s, keep = layer(), 0.5, dropout_keep()
     delta, _ = dora_forward(p["x"], p["W"], p["A"], p["B"], p["m"], s, keep)
     g = p["m"] / np.linalg.norm(p["W"] + s * p["B"] @ p["A"], axis=1)
     xd = p["x"] * keep
@@ -84,7 +72,7 @@ def test_the_detached_backward_is_the_gradient_with_the_norm_held_fixed(dropout)
     """The default backward against finite differences of the forward with n held at its
     value (dora_forward(norm=...)): relative error below 1e-6 for x, A, B and m."""
     p, s = layer(1), 1.5
-    keep = mask(1) if dropout else None
+    keep = dropout_keep(1) if dropout else None
     n = weight_norm(p["W"], p["A"], p["B"], s)
     inputs = {k: p[k] for k in ("x", "A", "B", "m")}
     results = gradcheck(
@@ -102,7 +90,7 @@ def test_the_exact_backward_is_the_gradient_of_the_forward_itself(dropout):
     the full forward agree to 1e-6, and they disagree with the detached dA and dB (the
     difference the paper chose to drop), while dm and dx are the same in both."""
     p, s = layer(2), 1.5
-    keep = mask(2) if dropout else None
+    keep = dropout_keep(2) if dropout else None
     inputs = {k: p[k] for k in ("x", "A", "B", "m")}
     results = gradcheck(
         lambda x, A, B, m: dora_forward(x, p["W"], A, B, m, s, keep, exact_grad=True),
@@ -124,7 +112,7 @@ def test_the_exact_backward_is_the_gradient_of_the_forward_itself(dropout):
 def test_the_layer_with_a_dora_branch_and_a_trainable_W_is_gradient_checked():
     """lora_linear_forward/backward with a DoRA branch (exact): dx, dW (the base's plus
     the correction's, through the norm too), db, dA, dB, dm."""
-    p, s, keep = layer(3), 2.0, mask(3)
+    p, s, keep = layer(3), 2.0, dropout_keep(3)
     b = np.random.default_rng(3).normal(size=4)
 
     def forward(x, W, b, A, B, m):
@@ -179,7 +167,7 @@ def test_a_new_dora_adapter_leaves_the_model_unchanged_bit_for_bit(dtype):
 def test_the_magnitude_trains_and_is_counted():
     """Per adapted matrix r (d_in + d_out) + d_out trainable numbers, grouped under the
     linear they adapt; the magnitude gets a gradient, the base none."""
-    model = dora_model()
+    model = adapted_model(DORA)
     C, n_layer = TINY["d_model"], TINY["n_layer"]
     per_layer = 2 * (2 * (C + C) + C) + (2 * (C + 4 * C) + 4 * C)  # q, v and fc
     count = count_parameters(model)
@@ -197,7 +185,7 @@ def test_exact_and_detached_model_gradients_differ_only_in_A_and_B():
     models = {}
     for exact in (False, True):
         config = ml.LoraConfig(**{**DORA.to_dict(), "dora_exact_grad": exact})
-        model = trained(dora_model(config=config))
+        model = move_trainable(adapted_model(config))
         idx, targets = token_batch(model.config)
         model.loss(idx, targets)
         model.backward()
@@ -209,7 +197,7 @@ def test_exact_and_detached_model_gradients_differ_only_in_A_and_B():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_merge_gives_the_same_logits_and_unmerge_restores_W_bit_for_bit(dtype):
-    model = trained(dora_model(dtype)).eval()
+    model = move_trainable(adapted_model(DORA, dtype)).eval()
     idx, _ = token_batch(model.config)
     W_before = {n: model.params[n].copy() for n in model.base_names()}
     unmerged = model.forward(idx)
@@ -226,7 +214,7 @@ def test_merge_gives_the_same_logits_and_unmerge_restores_W_bit_for_bit(dtype):
 
 
 def test_dora_cannot_be_stacked_or_combined():
-    model = dora_model()
+    model = adapted_model(DORA)
     ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), name="plain")
     with pytest.raises(ValueError, match="uses DoRA.*cannot be stacked"):
         ml.set_adapter(model, ["default", "plain"])
@@ -242,7 +230,7 @@ def test_dora_cannot_be_stacked_or_combined():
 
 # ------------------------------------------------------------------------- the files
 def test_adapter_files_round_trip_with_the_magnitude(tmp_path):
-    model = trained(dora_model()).eval()
+    model = move_trainable(adapted_model(DORA)).eval()
     idx, _ = token_batch(model.config)
     expected = model.forward(idx)
     checkpoints.save_adapter(model, tmp_path / "a")
@@ -255,7 +243,7 @@ def test_adapter_files_round_trip_with_the_magnitude(tmp_path):
 
 
 def test_an_adapter_file_without_its_magnitudes_is_refused(tmp_path):
-    model = dora_model()
+    model = adapted_model(DORA)
     checkpoints.save_adapter(model, tmp_path / "a")
     path = tmp_path / "a" / checkpoints.ADAPTER_CONFIG
     meta = json.loads(path.read_text())
@@ -269,21 +257,8 @@ def test_an_adapter_file_without_its_magnitudes_is_refused(tmp_path):
 
 # ----------------------------------------------------------------- trainer and CLI
 def test_a_dora_run_stopped_and_resumed_is_the_same_run(tmp_path):
-    cfg = ml.GPTConfig(**SMALL_GPT)
     config = ml.LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=("q", "v"), use_dora=True)
-
-    def trainer(out):
-        model = ml.GPT(cfg, seed=0, dtype="float64")
-        ml.add_adapter(model, config)
-        return Trainer(model, ShiftTask(), train_config(4, checkpoint_every=2), out, False)
-
-    whole = trainer(tmp_path / "whole")
-    whole.run()
-    stopped = trainer(tmp_path / "stopped")
-    stopped.run(until=2)
-    stopped.save_checkpoint()
-    resumed = trainer(tmp_path / "stopped")
-    resumed.run(resume=True)
+    whole, resumed = stopped_and_resumed(tmp_path, config)
     m = "h.0.attn.q.lora_magnitude.default"
     init = np.linalg.norm(whole.model.params["h.0.attn.q.weight"], axis=1)  # m's init
     assert rel_error(whole.model.params[m], init) > 1e-4  # the magnitude did train
@@ -313,7 +288,7 @@ def test_params_counts_dora_magnitudes_in_the_accounting_and_on_the_command_line
 
     lora = params.lora_parameter_count(96, 12288, 4, ("q", "v"))
     assert params.lora_parameter_count(96, 12288, 4, ("q", "v"), dora=True) == lora + 2_359_296
-    model = dora_model()
+    model = adapted_model(DORA)
     expected = params.lora_parameter_count(
         TINY["n_layer"], TINY["d_model"], 2, DORA.target_modules, dora=True
     )

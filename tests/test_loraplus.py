@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMALL_GPT, TINY, random_model, token_batch, train_config
+from conftest import SMALL_GPT, adapted_model, token_batch, train_config
 from test_bad_inputs import TINY as CLI_TINY
 from test_bad_inputs import TOKENIZER, run_cli
 from test_data_loss import RUN
@@ -17,15 +17,11 @@ from minilora.files import checkpoints
 from minilora.training.data import ShiftTask
 from minilora.training.train import Trainer
 
-
-def dora_model(seed=1):
-    model = random_model(ml.GPTConfig(**TINY), seed=seed)
-    ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q", "fc"), use_dora=True))
-    return model
+DORA_Q_FC = ml.LoraConfig(r=2, target_modules=("q", "fc"), use_dora=True)
 
 
 def test_the_groups_are_peft_s_rule_lora_B_and_every_trainable_vector_learn_faster():
-    model = dora_model()
+    model = adapted_model(DORA_Q_FC)
     model.unfreeze("h.0.attn.q.bias", "ln_f.weight", "h.1.mlp.fc.weight")
     groups = loraplus_groups(model)
     assert set(groups["A"]) | set(groups["B"]) == set(model.trainable_names())
@@ -41,7 +37,7 @@ def test_a_step_moves_B_ratio_times_further_than_plain_adamw_and_A_the_same():
     times as far; A moves exactly as without LoRA+. The schedule's lr still applies."""
     moves = {}
     for ratio in (None, 16.0):
-        model = dora_model()
+        model = adapted_model(DORA_Q_FC)
         before = {n: model.params[n].copy() for n in model.trainable_names()}
         model.loss(*token_batch(model.config))
         model.backward()
@@ -49,11 +45,11 @@ def test_a_step_moves_B_ratio_times_further_than_plain_adamw_and_A_the_same():
         opt.lr = 5e-4  # as the schedule would
         opt.step()
         moves[ratio] = {n: model.params[n] - before[n] for n in before}
-    fast = set(loraplus_groups(dora_model())["B"])
+    fast = set(loraplus_groups(adapted_model(DORA_Q_FC))["B"])
     for name, move in moves[None].items():
         factor = 16.0 if name in fast else 1.0
         np.testing.assert_allclose(moves[16.0][name], factor * move, rtol=1e-10, err_msg=name)
-    assert ml.AdamW(dora_model(), lr=2e-3, loraplus_lr_ratio=4).lr_of(
+    assert ml.AdamW(adapted_model(DORA_Q_FC), lr=2e-3, loraplus_lr_ratio=4).lr_of(
         "h.0.attn.q.lora_magnitude.default"
     ) == pytest.approx(8e-3)
 
@@ -61,7 +57,7 @@ def test_a_step_moves_B_ratio_times_further_than_plain_adamw_and_A_the_same():
 @pytest.mark.parametrize("ratio, error", [(0, ValueError), (-2.0, ValueError), ("16", TypeError)])
 def test_a_bad_ratio_is_refused(ratio, error):
     with pytest.raises(error, match="loraplus_lr_ratio"):
-        ml.AdamW(dora_model(), loraplus_lr_ratio=ratio)
+        ml.AdamW(adapted_model(DORA_Q_FC), loraplus_lr_ratio=ratio)
 
 
 def test_resume_keeps_the_ratio_and_refuses_another(tmp_path):

@@ -9,13 +9,21 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SMALL_GPT, TINY, random_model, rel_error, token_batch, train_config
+from conftest import (
+    TINY,
+    adapted_model,
+    dropout_keep,
+    move_trainable,
+    random_model,
+    rel_error,
+    stopped_and_resumed,
+    token_batch,
+)
 from test_bad_inputs import TINY as CLI_TINY
 from test_bad_inputs import TOKENIZER, run_cli
 from test_data_loss import RUN
 
 import minilora as ml
-from minilora.core import layers as L
 from minilora.core import params
 from minilora.core.gradcheck import gradcheck
 from minilora.core.lora import LoraBranch, lora_linear_backward, lora_linear_forward
@@ -29,8 +37,6 @@ from minilora.core.vera import (
 )
 from minilora.files import checkpoints
 from minilora.files.io import load_safetensors, save_safetensors
-from minilora.training.data import ShiftTask
-from minilora.training.train import Trainer
 
 VERA = ml.LoraConfig(r=2, target_modules=("q", "v", "fc", "proj"), use_vera=True)
 
@@ -46,24 +52,6 @@ def branch(seed=0, d_in=6, d_out=4, r=3):
     )
 
 
-def mask(seed=0, p=0.4):
-    return L.dropout_mask((3, 5, 6), p, np.random.default_rng(seed), np.dtype("float64"))
-
-
-def trained(model, seed=3, std=0.1):
-    """Move every trainable vector off its init (λ_b off zero), as training would."""
-    rng = np.random.default_rng(seed)
-    for name in model.trainable_names():
-        model.params[name] += model.xp.asarray(rng.normal(0, std, model.params[name].shape))
-    return model
-
-
-def vera_model(dtype="float64", config=VERA, seed=1):
-    model = random_model(ml.GPTConfig(**TINY), seed=seed, dtype=dtype)
-    ml.add_adapter(model, config)
-    return model
-
-
 # ------------------------------------------------------------------------- the math
 def test_the_branch_is_the_linear_with_delta_w_from_the_scaled_shared_matrices():
     """x W^T + b + λ_b ⊙ ((λ_d ⊙ x A^T) B^T) = x (W + ΔW)^T + b, ΔW = (λ_b ⊙ B)(λ_d ⊙ A)
@@ -77,7 +65,7 @@ def test_the_branch_is_the_linear_with_delta_w_from_the_scaled_shared_matrices()
 
 
 def test_with_dropout_the_branch_runs_on_the_dropped_out_input():
-    p, keep = branch(), mask()
+    p, keep = branch(), dropout_keep()
     delta, _ = vera_forward(p["x"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], keep)
     expected = p["lambda_b"] * ((p["lambda_d"] * ((p["x"] * keep) @ p["A"].T)) @ p["B"].T)
     np.testing.assert_allclose(delta, expected, rtol=1e-12, atol=1e-12)
@@ -86,7 +74,7 @@ def test_with_dropout_the_branch_runs_on_the_dropped_out_input():
 @pytest.mark.parametrize("dropout", [False, True])
 def test_the_backward_is_the_gradient_of_x_and_the_two_vectors(dropout):
     """Five-point finite differences in float64; A and B are frozen (no gradient)."""
-    p, keep = branch(), mask() if dropout else None
+    p, keep = branch(), dropout_keep() if dropout else None
     A, B = p.pop("A"), p.pop("B")
     results = gradcheck(
         lambda x, lambda_d, lambda_b: vera_forward(x, A, B, lambda_d, lambda_b, keep),
@@ -131,7 +119,7 @@ def test_the_shared_matrices_are_seeded_kaiming_uniform_as_peft_draws_them():
 def test_the_model_shares_one_pair_sliced_per_linear():
     """The pair spans the largest sides of the adapted linears ((4C, r) for B with fc,
     (r, 4C) for A with proj); q uses A[:, :C] and B[:C]: its ΔW is built from those."""
-    model = trained(vera_model())
+    model = move_trainable(adapted_model(VERA))
     C, r = TINY["d_model"], VERA.r
     A, B = model.vera_projection("default")
     assert A.shape == (r, 4 * C) and B.shape == (4 * C, r)
@@ -188,7 +176,7 @@ def test_a_new_vera_adapter_leaves_the_model_unchanged_and_starts_as_peft(dtype)
 
 def test_only_the_vectors_train_and_they_are_counted():
     """r + d_out per adapted matrix, the fewest of the family; A and B are not parameters."""
-    model = vera_model()
+    model = adapted_model(VERA)
     assert all(".vera_lambda_" in n for n in model.trainable_names())
     assert len(model.trainable_names()) == 2 * TINY["n_layer"] * 4
     expected = params.lora_parameter_count(
@@ -205,7 +193,7 @@ def test_only_the_vectors_train_and_they_are_counted():
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_merge_gives_the_same_logits_and_unmerge_restores_W_bit_for_bit(dtype):
-    model = trained(vera_model(dtype)).eval()
+    model = move_trainable(adapted_model(VERA, dtype)).eval()
     idx, _ = token_batch(model.config)
     before = {n: model.params[n].copy() for n in model.base_names()}
     unmerged = model.forward(idx)
@@ -218,7 +206,7 @@ def test_merge_gives_the_same_logits_and_unmerge_restores_W_bit_for_bit(dtype):
 
 
 def test_vera_stacks_with_lora_but_cannot_be_combined():
-    model = trained(vera_model())
+    model = move_trainable(adapted_model(VERA))
     ml.add_adapter(model, ml.LoraConfig(r=2, target_modules=("q",)), name="plain")
     ml.set_adapter(model, ["default", "plain"])  # updates add: stacking is fine
     idx, y = token_batch(model.config)
@@ -232,7 +220,7 @@ def test_vera_stacks_with_lora_but_cannot_be_combined():
 
 
 def test_deleting_a_vera_adapter_removes_its_shared_matrices():
-    model = vera_model()
+    model = adapted_model(VERA)
     ml.delete_adapter(model, "default")
     with pytest.raises(KeyError):
         model.vera_projection("default")
@@ -244,7 +232,7 @@ def test_adapter_files_round_trip_with_the_shared_matrices(tmp_path):
     """The file holds λ_d, λ_b per module and vera_A, vera_B once (PEFT's
     save_projection=True): loading gives the same logits, whatever seed a new adapter
     would draw."""
-    model = trained(vera_model()).eval()
+    model = move_trainable(adapted_model(VERA)).eval()
     idx, _ = token_batch(model.config)
     checkpoints.save_adapter(model, tmp_path / "a")
     tensors, _ = load_safetensors(tmp_path / "a" / checkpoints.ADAPTER_WEIGHTS)
@@ -263,7 +251,7 @@ def test_adapter_files_round_trip_with_the_shared_matrices(tmp_path):
 
 @pytest.mark.parametrize("damage", ["drop_shared", "bad_shape", "nan_vector"])
 def test_a_damaged_vera_file_is_refused_and_the_model_left_alone(tmp_path, damage):
-    model = trained(vera_model())
+    model = move_trainable(adapted_model(VERA))
     checkpoints.save_adapter(model, tmp_path / "a")
     path = tmp_path / "a" / checkpoints.ADAPTER_WEIGHTS
     tensors, _ = load_safetensors(path)
@@ -283,21 +271,8 @@ def test_a_damaged_vera_file_is_refused_and_the_model_left_alone(tmp_path, damag
 
 # ----------------------------------------------------------------- trainer and CLI
 def test_a_vera_run_stopped_and_resumed_is_the_same_run(tmp_path):
-    cfg = ml.GPTConfig(**SMALL_GPT)
     config = ml.LoraConfig(r=4, dropout=0.1, target_modules=("q", "v"), use_vera=True)
-
-    def trainer(out):
-        model = ml.GPT(cfg, seed=0, dtype="float64")
-        ml.add_adapter(model, config)
-        return Trainer(model, ShiftTask(), train_config(4, checkpoint_every=2), out, False)
-
-    whole = trainer(tmp_path / "whole")
-    whole.run()
-    stopped = trainer(tmp_path / "stopped")
-    stopped.run(until=2)
-    stopped.save_checkpoint()
-    resumed = trainer(tmp_path / "stopped")
-    resumed.run(resume=True)
+    whole, resumed = stopped_and_resumed(tmp_path, config)
     assert np.abs(whole.model.params["h.0.attn.q.vera_lambda_b.default"]).max() > 1e-4
     for name, value in whole.model.params.items():
         np.testing.assert_allclose(resumed.model.params[name], value, rtol=1e-12, err_msg=name)
