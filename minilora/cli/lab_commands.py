@@ -24,7 +24,7 @@ from minilora.lab.machine import blas_info, results_filename
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    """ "q, v" -> ("q", "v"): the comma-separated --targets of params and finetune."""
+    """The comma-separated --targets of params and finetune: "q, v" -> ("q", "v")."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
