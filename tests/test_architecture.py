@@ -62,7 +62,7 @@ SUBPACKAGES = {
         "exercises.gpt2_layout",
         "exercises.__init__",
     ],
-    "cli": ["demo", "commands", "main"],
+    "cli": ["demo", "lab_commands", "commands", "main"],
 }
 """Subpackages in import order, each with its modules in import order. A package
 nested in a subpackage lists its modules as "package.module", then "package.__init__"."""
