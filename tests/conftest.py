@@ -108,19 +108,19 @@ def dropout_keep(seed=0, p=0.4, shape=(3, 5, 6)):
     return L.dropout_mask(shape, p, np.random.default_rng(seed), np.dtype("float64"))
 
 
-def stopped_and_resumed(tmp_path, config, steps=4):
-    """A run of ``steps`` steps with adapter ``config`` on SMALL_GPT in float64, whole and
-    stopped halfway, checkpointed and resumed: returns the two trainers."""
+def stopped_and_resumed(tmp_path, config):
+    """A 4-step run with adapter ``config`` on SMALL_GPT in float64, whole, and stopped
+    after step 2, checkpointed and resumed: returns the two trainers."""
 
     def trainer(out):
         model = ml.GPT(ml.GPTConfig(**SMALL_GPT), seed=0, dtype="float64")
         ml.add_adapter(model, config)
-        return Trainer(model, ShiftTask(), train_config(steps, checkpoint_every=2), out, False)
+        return Trainer(model, ShiftTask(), train_config(4, checkpoint_every=2), out, False)
 
     whole = trainer(tmp_path / "whole")
     whole.run()
     stopped = trainer(tmp_path / "stopped")
-    stopped.run(until=steps // 2)
+    stopped.run(until=2)
     stopped.save_checkpoint()
     resumed = trainer(tmp_path / "stopped")
     resumed.run(resume=True)

@@ -177,14 +177,14 @@ def adapter_run(
     adapter, loaded into a fresh base, must give again.
     """
     model, tokenizer = load_base()
-    task_obj = get_task(task, tokenizer=tokenizer)
+    task_obj, block = task_for(task, model, tokenizer)
     add_adapter(model, LoraConfig(r, alpha, 0.0, tuple(targets)), name=name, seed=seed)
-    trainer = experiment_trainer(model, task_obj, steps, task_obj.block_size, lr, seed)
+    trainer = experiment_trainer(model, task_obj, steps, block, lr, seed)
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start
     save_adapter(model, directory, name=name)
-    val = task_obj.eval_batch(256, task_obj.block_size, seed=0)
+    val = task_obj.eval_batch(256, block, seed=0)
     with limited_threads(1):  # as the training: the same rounding wherever it runs
         logits = to_host(model.eval().forward(val.idx))
     return {"task": task, "name": name, "steps": steps, "seconds": seconds, "val_logits": logits}
